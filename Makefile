@@ -1,0 +1,56 @@
+# rankwatch: `make demo` runs the main job, `make test` passes the tests. Both set up everything
+# they need on a fresh Debian machine (system packages with apt-get, Python into .venv).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# CPU build of torch: a range would pull a multi-GB CUDA build from the index.
+TORCH_SPEC ?= torch==2.13.0
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheus-node-exporter
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: all setup system-deps venv test lint demo dashboards bench clean
+
+all: test
+
+system-deps:
+	@missing=""; for b in prometheus promtool amtool prometheus-alertmanager victoria-metrics vmagent prometheus-node-exporter; do \
+	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages (missing:$$missing)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+	@# The Debian packages enable services; rankwatch starts its own instances on free ports.
+	@-$(SUDO) systemctl disable --now prometheus prometheus-alertmanager prometheus-node-exporter victoria-metrics >/dev/null 2>&1 || true
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev,torch,hf,lightning,aws]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+setup: system-deps venv
+
+lint: venv
+	$(VENV)/bin/ruff check rankwatch tests bench examples
+
+test: setup
+	$(VENV)/bin/ruff check rankwatch tests bench examples
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m rankwatch demo $(DEMO_ARGS)
+
+dashboards: venv
+	$(PY) -m rankwatch dashboards generate --out dashboards
+
+bench: setup
+	@echo "see BENCHMARKS.md for each benchmark's command"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report

@@ -1,0 +1,64 @@
+"""`rankwatch …` entry point.
+
+Each subcommand lives with the code it runs: a module listed in SUBCOMMAND_MODULES exposes
+``register(subparsers)`` which adds its parser and sets ``func``. Modules import their heavy
+dependencies inside ``func`` so that `rankwatch node-exporter` does not pay for grafanalib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from rankwatch import __version__
+from rankwatch.errors import RankwatchError
+
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "rankwatch.exporters.node",
+    "rankwatch.detectors.cli",
+    "rankwatch.alerts.cli",
+    "rankwatch.dashboards.cli",
+    "rankwatch.sim.cli",
+    "rankwatch.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankwatch", description="Observability and straggler detection for large GPU training jobs.")
+    parser.add_argument("--version", action="version", version=f"rankwatch {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # subcommand not built in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RankwatchError as exc:
+        print(f"rankwatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
