@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # CPU build of torch: a range would pull a multi-GB CUDA build from the index.
 TORCH_SPEC ?= torch==2.13.0
+# Local wheel cache of this machine image, when present (holds the CPU torch build).
+PIP_LOCAL := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheus-node-exporter
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
@@ -28,8 +30,8 @@ system-deps:
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,torch,hf,lightning,aws]'
+	$(PY) -m pip install -q $(PIP_LOCAL) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(PIP_LOCAL) -e '.[dev,torch,hf,lightning,aws]'
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -47,7 +49,7 @@ demo: setup
 	$(PY) -m rankwatch demo $(DEMO_ARGS)
 
 dashboards: venv
-	$(PY) -m rankwatch dashboards generate --out dashboards
+	$(PY) -m rankwatch dashboards generate --out dashboards --kubernetes-out deploy/kubernetes/base/generated
 
 bench: setup
 	@echo "see BENCHMARKS.md for each benchmark's command"
