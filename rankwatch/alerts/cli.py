@@ -1,0 +1,167 @@
+"""`rankwatch alerts …`: preview a notification, send a test alert, deliver or inspect the outbox."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("alerts", help="Slack / W&B / Alertmanager notifications and their outbox")
+    sub = p.add_subparsers(dest="alerts_command", metavar="ACTION")
+
+    pv = sub.add_parser("preview", help="print the Slack Block Kit JSON and plain text of an event")
+    pv.add_argument("--event", type=Path, help="a JSON-lines file of events (default: a sample straggler)")
+    pv.add_argument("--config", type=Path, help="TOML config for the [links] templates")
+    pv.add_argument("--format", choices=["both", "blocks", "text"], default="both")
+    pv.set_defaults(func=_preview)
+
+    t = sub.add_parser("send-test", help="send a sample firing + resolved alert through every configured target")
+    t.add_argument("--config", type=Path, required=True, help="detector TOML config ([slack], [wandb], [alertmanager])")
+    t.add_argument("--run", default="rankwatch-test", help="run label of the sample event")
+    t.set_defaults(func=_send_test)
+
+    f = sub.add_parser("flush", help="deliver what is pending in a detector's outbox, then exit")
+    f.add_argument("--config", type=Path, required=True)
+    f.add_argument("--state-dir", type=Path, required=True, help="the detector's state directory")
+    f.add_argument("--timeout", type=float, default=60.0)
+    f.set_defaults(func=_flush)
+
+    o = sub.add_parser("outbox", help="list the notifications in a detector's outbox")
+    o.add_argument("--state-dir", type=Path, required=True)
+    o.add_argument("--status", choices=["pending", "sending", "delivered", "skipped"])
+    o.set_defaults(func=_outbox)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    from rankwatch.errors import ConfigError
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def sample_events(run: str = "llama70b-cpt", t0: float | None = None) -> list[Any]:
+    """A straggler episode (firing and resolved) as the detector reports it."""
+    from rankwatch.events import Event
+
+    t0 = float(int(t0 if t0 is not None else time.time()))
+    # The keys the detector's straggler evidence carries.
+    evidence = {"cause": "compute", "compute_s": 1.452, "peer_compute_s": 1.2, "compute_slowdown": 0.21,
+                "comm_wait_s": 0.08, "peer_comm_wait_s": 0.33, "step_s": 1.61, "est_job_speedup": 0.16,
+                "peer_group": f"{run}|pp=2", "peer_group_size": 64,
+                "explanation": ["its GPU 3 is thermally throttled (SM clock 1410 MHz, -28 %; hw_thermal)"]}
+    firing = Event(time=t0, kind="straggler", state="firing", run=run, rank=37, node="p5-012", gpu="3", score=8.4,
+                   summary="Rank 37 spends 21 % more time computing per step than its 63 peers in pipeline stage 2; "
+                           "its GPU 3 is thermally throttled (SM clock −28 %).",
+                   evidence=evidence, episode=f"{run}/straggler/37/{int(t0)}", severity="warning", since=t0 - 45)
+    resolved = Event(**{**firing.__dict__, "state": "resolved", "time": t0 + 720,
+                        "summary": "Rank 37 is back within 2 % of its peers."})
+    return [firing, resolved]
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from rankwatch.alerts.config import load_alerting_config
+    from rankwatch.alerts.lifecycle import EpisodeView, IncidentView
+    from rankwatch.alerts.render import render_incident, render_plain
+    from rankwatch.events import Event
+
+    doc = _load_toml(args.config) if args.config else {
+        "links": {"grafana_url": "https://grafana.example.com/d/rankwatch-node?var-node={node}&from={from_ms}&to={to_ms}",
+                  "wandb_run_url": "https://wandb.ai/acme/llama70b/groups/{run}",
+                  "runbook_url": "https://github.com/acme/rankwatch/blob/main/docs/runbooks/{alert}.md"}}
+    links = load_alerting_config(doc, source=str(args.config or "<sample>"), environ={}).links
+    if args.event:
+        events = [Event.from_json(line) for line in args.event.read_text().splitlines() if line.strip()]
+    else:
+        events = sample_events(t0=1795750000)[:1]
+    firing = [e for e in events if e.state == "firing"]
+    if not firing:
+        print("rankwatch: no firing event in the input", file=sys.stderr)
+        return 2
+    view = IncidentView(id=1, run=firing[0].run, state="firing", opened_at=firing[0].time, resolved_at=None,
+                        reminders=0, episodes=[EpisodeView(e.episode or str(i), "firing", e) for i, e in enumerate(firing)])
+    msg = render_incident(view, "firing", links, now=firing[0].time)
+    if args.format in ("both", "blocks"):
+        print(json.dumps({"text": msg.text, "blocks": msg.blocks}, indent=2, ensure_ascii=False))
+    if args.format in ("both", "text"):
+        print(render_plain(view, "firing", links, now=firing[0].time))
+    return 0
+
+
+def _send_test(args: argparse.Namespace) -> int:
+    from rankwatch.alerts import AlertSink, load_alerting_config
+
+    cfg = load_alerting_config(_load_toml(args.config), source=str(args.config))
+    if not cfg.any_target:
+        print("rankwatch: no target configured (set SLACK_WEBHOOK_URL / SLACK_BOT_TOKEN, [wandb] or [alertmanager])",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="rankwatch-alerts-test-") as tmp:
+        sink = AlertSink(cfg, state_dir=Path(tmp), start_thread=False)
+        try:
+            for event in sample_events(args.run):
+                sink.publish([event])
+                sink.lifecycle.release_held()
+                # One attempt per notification (plus the clients' own retries): report, don't wait
+                # for backoffs; only the rate limiter's short waits are waited out.
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    sink.deliver_due()
+                    pending = sink.outbox.rows(status="pending")
+                    if not pending or any(r.last_error for r in pending):
+                        break
+                    time.sleep(0.2)
+                if sink.outbox.rows(status="pending"):
+                    break
+            rows = sink.outbox.rows()
+        finally:
+            sink.cfg = replace(sink.cfg, notify=replace(sink.cfg.notify, close_timeout_s=0))
+            sink.close()
+    for r in rows:
+        state = "ok" if r.status in ("delivered", "skipped") else f"FAILED: {r.last_error}"
+        print(f"{r.target:13s} {r.action:9s} {state}")
+    return 0 if rows and all(r.status in ("delivered", "skipped") for r in rows) else 1
+
+
+def _flush(args: argparse.Namespace) -> int:
+    from rankwatch.alerts import AlertSink, load_alerting_config
+
+    cfg = load_alerting_config(_load_toml(args.config), source=str(args.config))
+    sink = AlertSink(cfg, state_dir=args.state_dir, start_thread=False)
+    sink.lifecycle.release_held()
+    left = sink.flush(timeout=args.timeout)
+    counts = sink.outbox.counts()
+    sink.close()
+    print(json.dumps(counts, sort_keys=True))
+    return 1 if left else 0
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from rankwatch.alerts import OUTBOX_FILE
+    from rankwatch.alerts.outbox import Outbox
+    from rankwatch.errors import InputError
+
+    path = args.state_dir / OUTBOX_FILE
+    if not path.exists():
+        raise InputError(f"{path}: no outbox here (is --state-dir the detector's state directory?)")
+    ob = Outbox(path)
+    for r in ob.rows(status=args.status):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.delivered_wall or r.created_wall))
+        print(f"{r.id:6d} {when} {r.status:9s} {r.target:13s} {r.action:9s} attempts={r.attempts} {r.key}"
+              + (f"  last_error={r.last_error}" if r.last_error and r.status != "delivered" else ""))
+    ob.close()
+    return 0

@@ -1,0 +1,191 @@
+"""Detector configuration: every threshold in one frozen dataclass, loaded from TOML.
+
+A bad key or value is a ``ConfigError`` that names the key and the file. Top-level tables owned
+by the alerting side ([slack], [wandb], [alertmanager], [notify], [links]) are left alone here.
+Keys may be given flat at top level or inside a ``[detector]`` table."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rankwatch.errors import ConfigError
+
+# Tables that belong to other parts of rankwatch (alerting, links in notifications).
+FOREIGN_TABLES = frozenset({"slack", "wandb", "alertmanager", "notify", "links"})
+
+CRITICAL_XIDS_DEFAULT = (48, 63, 64, 74, 79, 94, 95)
+# retrans_bytes is left out: it is a byte count of the same events retrans_pkts counts.
+EFA_ERROR_COUNTERS_DEFAULT = (
+    "retrans_pkts",
+    "retrans_timeout_events",
+    "unresponsive_remote_events",
+    "impaired_remote_conn_events",
+    "rx_drops",
+)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """All detector thresholds. Times are data time (seconds), never the wall clock.
+
+    Defaults are chosen so that a slowdown of 5 % on one rank is found within about four
+    evaluations while a spike lasting one window, GC pauses, eval/checkpoint steps, warm-up
+    and pipeline-stage imbalance raise nothing (see BENCHMARKS.md, detector section)."""
+
+    # --- cadence -------------------------------------------------------------------------
+    interval_s: float = 15.0  # seconds between evaluations
+    # Per-window quantities are means over this many seconds ending at the evaluation time.
+    # Equal to the interval by default so windows do not overlap and persistence counts
+    # independent evidence; keep it >= 2-3 scrape intervals of the probes.
+    window_s: float = 15.0
+
+    # --- stragglers ----------------------------------------------------------------------
+    z_threshold: float = 3.5  # modified z-score (median/MAD, MAD scaled to sigma) to flag a rank
+    # Minimum relative slowdown of the rank against its peer median (effect-size floor).
+    # 4 % so that an injected 5 % slowdown clears it despite window noise.
+    min_slowdown: float = 0.04
+    # MAD is floored at this fraction of the peer median: a perfectly uniform group (MAD = 0)
+    # must not turn a 0.1 % difference into an infinite z-score.
+    mad_floor_rel: float = 0.005
+    min_group_size: int = 3  # groups smaller than this are compared to their fastest peer instead
+    small_group_min_slowdown: float = 0.10  # slowdown vs the fastest peer for groups of 2
+    persist_windows: int = 3  # consecutive flagged evaluations before an episode fires
+    resolve_windows: int = 2  # consecutive clean evaluations before it resolves
+    # Evaluations without data after which an open episode resolves (the rank went away).
+    missing_resolve_windows: int = 20
+    warmup_s: float = 60.0  # ignore a run's first seconds of data (compilation, cache warm-up)
+    min_steps_per_window: float = 1.0  # fewer completed steps in the window = no data
+    # Unknown layout (no pp label): split the sorted per-rank compute times at relative gaps of
+    # at least cluster_gap_rel that are also cluster_gap_factor times the median neighbour gap;
+    # clusters smaller than min_group_size join their nearest neighbour.
+    cluster_gap_rel: float = 0.01
+    cluster_gap_factor: float = 10.0
+    # ... and such runs get no straggler verdict before each rank's clustering basis (its
+    # running mean compute time) has this many evaluations.
+    cluster_learn_windows: int = 8
+    # Slow signal for noisy jobs (sequence-length imbalance): each rank's relative excess over
+    # its peer median, clipped to +-smooth_clip and smoothed with an EWMA of weight
+    # smooth_alpha, is scored against its peers like the raw value. Two fully clipped windows
+    # (a spike straddling a window boundary) give at most smooth_alpha * smooth_clip * 1.8,
+    # which must stay below min_slowdown.
+    smooth_alpha: float = 0.2
+    smooth_clip: float = 0.08
+
+    # --- failing GPUs ----------------------------------------------------------------------
+    critical_xids: tuple[int, ...] = CRITICAL_XIDS_DEFAULT  # other XIDs are warnings
+    clock_drop_rel: float = 0.10  # SM clock this much below its own baseline/peers = throttling
+    throttle_persist_windows: int = 2
+    gpu_resolve_windows: int = 4  # clean evaluations before a GPU fault resolves
+    health_fail_value: float = 20.0  # DCGM_EXP_GPU_HEALTH_STATUS value that means failed
+
+    # --- network (EFA) -------------------------------------------------------------------
+    efa_error_counters: tuple[str, ...] = EFA_ERROR_COUNTERS_DEFAULT
+    efa_min_increase: float = 10.0  # ignore fewer error events than this per window and counter
+    efa_own_factor: float = 5.0  # rate must exceed this multiple of the node's own past
+    efa_fleet_factor: float = 5.0  # ... and of the fleet median for the same counter
+    network_persist_windows: int = 2
+    network_resolve_windows: int = 3
+
+    # --- hangs -----------------------------------------------------------------------------
+    hang_factor: float = 10.0  # no step for this many median step times ...
+    hang_min_s: float = 60.0  # ... and at least this long (checkpoints must fit under it)
+
+    # --- throughput drop -----------------------------------------------------------------
+    throughput_drop_rel: float = 0.10  # run's step time this much above its own baseline
+    throughput_min_segment: int = 4  # evaluations after the change point before firing
+    throughput_history: int = 80  # evaluations kept as the run's baseline
+    throughput_p_value: float = 0.01  # Mann-Whitney U test of after vs before the change point
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _POSITIVE and not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(f"{f.name}: must be a positive number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: must be finite, got {value!r}")
+        for name in ("min_slowdown", "small_group_min_slowdown", "clock_drop_rel", "throughput_drop_rel",
+                     "mad_floor_rel", "cluster_gap_rel", "smooth_alpha", "smooth_clip"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be between 0 and 1 (a fraction), got {getattr(self, name)!r}")
+        if not 0 < self.throughput_p_value < 1:
+            raise ConfigError(f"throughput_p_value: must be between 0 and 1, got {self.throughput_p_value!r}")
+        if self.min_group_size < 2:
+            raise ConfigError(f"min_group_size: must be at least 2, got {self.min_group_size!r}")
+        if self.throughput_history < 2 * self.throughput_min_segment:
+            raise ConfigError("throughput_history: must be at least twice throughput_min_segment")
+
+
+_POSITIVE = frozenset({
+    "interval_s", "window_s", "z_threshold", "persist_windows", "resolve_windows", "missing_resolve_windows",
+    "min_steps_per_window", "throttle_persist_windows", "gpu_resolve_windows", "health_fail_value",
+    "efa_min_increase", "efa_own_factor", "efa_fleet_factor", "network_persist_windows",
+    "network_resolve_windows", "hang_factor", "hang_min_s", "throughput_min_segment", "throughput_history",
+    "cluster_gap_factor", "cluster_learn_windows",
+})
+_INT_FIELDS = frozenset({
+    "persist_windows", "resolve_windows", "missing_resolve_windows", "min_group_size",
+    "throttle_persist_windows", "gpu_resolve_windows", "network_persist_windows",
+    "network_resolve_windows", "throughput_min_segment", "throughput_history", "cluster_learn_windows",
+})
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(DetectorConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    where = f"{source}: {key}"
+    kind = _FIELD_TYPES[key]
+    if kind.startswith("tuple[int"):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: must be a list of integers, got {value!r}")
+        return tuple(value)
+    if kind.startswith("tuple[str"):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: must be a list of names, got {value!r}")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: must be a number, got {value!r}")
+    if key in _INT_FIELDS:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> DetectorConfig:
+    """Build a config from a parsed TOML document (flat keys or a ``[detector]`` table)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a table of settings")
+    values: dict[str, Any] = {}
+    items = list(data.items())
+    if isinstance(data.get("detector"), Mapping):
+        items = [(k, v) for k, v in items if k != "detector"] + list(data["detector"].items())
+    for key, value in items:
+        if key in FOREIGN_TABLES:
+            continue
+        if key not in _FIELD_TYPES:
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_FIELD_TYPES))})")
+        values[key] = _coerce(key, value, source)
+    try:
+        return DetectorConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None) -> DetectorConfig:
+    """Load a TOML file; ``None`` gives the defaults."""
+    if path is None:
+        return DetectorConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return config_from_mapping(data, source=str(p))

@@ -1,0 +1,202 @@
+"""The detector core: one ``evaluate(snapshot)`` per cycle, pure (no I/O, no wall clock).
+
+Runs the rules in dependency order — GPU health and network first, so that each straggler
+event can carry the hardware evidence that explains it; then stragglers, hangs and
+throughput — and turns the per-cycle verdicts into episodes (persistence, hysteresis)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.diagnose import straggler_finding_text
+from rankwatch.detectors.episodes import EpisodeTracker, Finding
+from rankwatch.detectors.gpu_health import GpuHealth
+from rankwatch.detectors.hang import HangDetector
+from rankwatch.detectors.model import Snapshot
+from rankwatch.detectors.network import NetworkHealth
+from rankwatch.detectors.straggler import RankTable, score_ranks
+from rankwatch.detectors.throughput import ThroughputDetector
+from rankwatch.events import Event
+
+STATE_VERSION = 1
+_BASIS_ALPHA = 0.05  # weight of one clean evaluation in a rank's clustering basis
+
+
+class DetectorCore:
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = cfg = config or DetectorConfig()
+        miss = cfg.missing_resolve_windows
+        self.trackers = {
+            "straggler": EpisodeTracker("straggler", cfg.persist_windows, cfg.resolve_windows, miss),
+            "gpu_fault": EpisodeTracker("gpu_fault", 1, cfg.gpu_resolve_windows, miss),
+            "network": EpisodeTracker("network", cfg.network_persist_windows, cfg.network_resolve_windows, miss),
+            "hang": EpisodeTracker("hang", 1, 1, miss),
+            "throughput_drop": EpisodeTracker("throughput_drop", 1, 2, miss),
+        }
+        self.gpu = GpuHealth(cfg)
+        self.net = NetworkHealth(cfg)
+        self.hang = HangDetector(cfg)
+        self.throughput = ThroughputDetector(cfg)
+        self.run_first_seen: dict[str, float] = {}
+        self.last_time: float | None = None
+        self.scores: dict[tuple[str, int], float] = {}
+        # per-rank EWMA of compute time for runs without layout labels (clustering basis)
+        self.compute_basis = RankTable()
+        self.basis_count = RankTable()
+        # per-rank slow straggler signal (EWMA of the clipped relative excess)
+        self.smooth = RankTable()
+        self.flagged: set[tuple[str, int]] = set()
+
+    def evaluate(self, snapshot: Snapshot) -> list[Event]:
+        cfg = self.config
+        snap = snapshot
+        t = snap.time
+        self.last_time = t
+        events: list[Event] = []
+
+        gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
+        events += self.trackers["gpu_fault"].update(t, gpu_findings)
+        net_findings, net_diag = self.net.evaluate(snap)
+        events += self.trackers["network"].update(t, net_findings)
+
+        seen = self.run_first_seen
+        for run in {r.run for r in snap.ranks if r.up and r.steps_rate}:
+            seen.setdefault(run, t)
+        warm = {run for run, first in seen.items() if t - first >= cfg.warmup_s}
+        # the probe queries failed this cycle: their quantities are missing, never zero
+        if _rank_queries_failed(snap):
+            rank_ranks = []
+        elif all(run in warm for run in {r.run for r in snap.ranks}):
+            rank_ranks = snap.ranks
+        else:
+            rank_ranks = [r for r in snap.ranks if r.run in warm]
+        sc = score_ranks(rank_ranks, cfg, snap.window_s, self.compute_basis, self.smooth)
+        cols = sc.cols
+        if (cols.pp < 0).any():
+            # peer groups of a run without layout labels come from clustering each rank's
+            # long-run compute time: no verdicts until that basis has settled
+            count = self.basis_count.get(cols.run_names, cols.run_ids, cols.rank, 0.0)
+            young = (cols.pp < 0) & (count < cfg.cluster_learn_windows)
+            sc.flagged = sc.flagged & ~young
+            sc.sustained = sc.sustained & ~young
+        self.smooth.put(cols.run_names, cols.run_ids, cols.rank, sc.smooth)
+        runs_of = [cols.run_names[i] for i in cols.run_ids.tolist()]
+        keys = list(zip(runs_of, cols.rank.tolist(), strict=True))
+        step_by_run: dict[str, list[float]] = defaultdict(list)
+        for o in sc.obs:
+            if o.step_seconds:
+                step_by_run[o.run].append(o.step_seconds)
+        run_step = {run: float(np.median(v)) for run, v in step_by_run.items()}
+        self.scores = dict(zip(keys, sc.score.tolist(), strict=True))
+        tracker = self.trackers["straggler"]
+        open_keys = tracker.open_keys
+        # Findings only for ranks that are flagged or have tracker state: a clean rank without
+        # state has nothing to update (keeps a 100 000-rank cycle fast).
+        findings = []
+        idx = set(np.flatnonzero(sc.flagged).tolist())
+        if tracker.state:
+            idx |= {j for j, k in enumerate(keys) if f"{k[0]}:{k[1]}" in tracker.state}
+        for i in sorted(idx):
+            o = sc.obs[i]
+            key = f"{o.run}:{o.rank}"
+            flagged = bool(sc.sustained[i]) if key in open_keys else bool(sc.flagged[i])
+            s = float(sc.score[i])
+            summary, ev, sev = straggler_finding_text(sc, i, gpu_diag, net_diag, run_step.get(o.run))
+            findings.append(Finding(
+                key=key, flagged=flagged, subject={"run": o.run, "rank": o.rank, "node": o.node, "gpu": o.gpu},
+                score=s, summary=summary, severity=sev, evidence=ev,
+                resolved_summary=f"Rank {o.rank} of run {o.run} is no longer a straggler (score {s:.1f}).",
+            ))
+        events += self.trackers["straggler"].update(t, findings)
+        self._update_basis(sc)
+        self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
+                        for st in self.trackers["straggler"].open_episodes().values()}
+
+        if not _rank_queries_failed(snap):
+            events += self.trackers["hang"].update(t, self.hang.evaluate(snap))
+            open_tp = {st["subject"]["run"] for st in self.trackers["throughput_drop"].open_episodes().values()}
+            causes = self._top_causes(snap)
+            events += self.trackers["throughput_drop"].update(t, self.throughput.evaluate(snap, warm, open_tp, causes))
+        order = {"gpu_fault": 0, "network": 1, "hang": 2, "straggler": 3, "throughput_drop": 4}
+        events.sort(key=lambda e: (e.state != "resolved", order.get(e.kind, 9)))
+        return events
+
+    def _update_basis(self, sc: Any) -> None:
+        cols = sc.cols
+        if not (cols.pp < 0).any():
+            return
+        open_ranks = np.zeros(len(sc.obs), bool)
+        open_keys = self.trackers["straggler"].open_keys
+        if open_keys:
+            open_ranks = np.array([f"{o.run}:{o.rank}" in open_keys for o in sc.obs], bool)
+        # a slow rank must not drag its own basis towards another stage
+        mask = (cols.pp < 0) & ~sc.flagged & ~open_ranks
+        old = self.compute_basis.get(cols.run_names, cols.run_ids, cols.rank, np.nan)
+        count = self.basis_count.get(cols.run_names, cols.run_ids, cols.rank, 0.0) + 1
+        # running mean first (noise averages out fast), then an EWMA that follows drift
+        alpha = np.maximum(1.0 / count, _BASIS_ALPHA)
+        new = np.where(np.isnan(old), sc.compute, (1 - alpha) * old + alpha * sc.compute)
+        self.compute_basis.put(cols.run_names, cols.run_ids, cols.rank, new, mask)
+        self.basis_count.put(cols.run_names, cols.run_ids, cols.rank, count, mask)
+
+    def _top_causes(self, snap: Snapshot) -> dict[str, dict[str, Any]]:
+        """For each run, the open episode most likely behind a slowdown: its worst straggler,
+        else a GPU or network problem on one of its nodes."""
+        nodes_by_run: dict[str, set[str]] = defaultdict(set)
+        if self.trackers["gpu_fault"].open_keys or self.trackers["network"].open_keys:
+            for r in snap.ranks:
+                nodes_by_run[r.run].add(r.node)
+        causes: dict[str, dict[str, Any]] = {}
+        strag = self.trackers["straggler"].open_episodes().values()
+        for st in sorted(strag, key=lambda s: -float(s.get("last_score", 0))):
+            run = st["subject"]["run"]
+            causes.setdefault(run, {"kind": "straggler", "episode": st["episode"], "rank": st["subject"]["rank"],
+                                    "node": st["subject"]["node"], "summary": st["summary"]})
+        for kind in ("gpu_fault", "network"):
+            for st in self.trackers[kind].open_episodes().values():
+                node = st["subject"].get("node")
+                for run, nodes in nodes_by_run.items():
+                    if node in nodes:
+                        causes.setdefault(run, {"kind": kind, "episode": st["episode"], "node": node,
+                                                "gpu": st["subject"].get("gpu"), "summary": st["summary"]})
+        return causes
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "last_time": self.last_time,
+            "run_first_seen": self.run_first_seen,
+            "trackers": {k: tr.export() for k, tr in self.trackers.items()},
+            "gpu": self.gpu.export(), "network": self.net.export(), "hang": self.hang.export(),
+            "throughput": self.throughput.export(),
+            "smooth": self.smooth.export(),
+            "compute_basis": self.compute_basis.export(),
+            "basis_count": self.basis_count.export(),
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"detector state version {state.get('version')!r} is not {STATE_VERSION}")
+        self.last_time = state.get("last_time")
+        self.run_first_seen = dict(state.get("run_first_seen", {}))
+        for k, tr in self.trackers.items():
+            tr.load(state.get("trackers", {}).get(k, {}))
+        self.gpu.load(state.get("gpu", {}))
+        self.net.load(state.get("network", {}))
+        self.hang.load(state.get("hang", {}))
+        self.throughput.load(state.get("throughput", {}))
+        self.smooth.load(state.get("smooth", {}))
+        self.compute_basis.load(state.get("compute_basis", {}))
+        self.basis_count.load(state.get("basis_count", {}))
+        self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
+                        for st in self.trackers["straggler"].open_episodes().values()}
+
+
+def _rank_queries_failed(snap: Snapshot) -> bool:
+    return any(e.startswith("rank") or "rankwatch_" in e for e in snap.errors)

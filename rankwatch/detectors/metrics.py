@@ -1,0 +1,161 @@
+"""The detector's own metrics and its HTTP endpoint (``/metrics``, ``/healthz``).
+
+Per-rank score and flagged state are rebuilt from the core after every cycle (a rank that left
+the job disappears from /metrics instead of lingering); counters count query errors per query,
+events per kind and state, and sink failures."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from rankwatch.errors import ConfigError
+from rankwatch.events import Event
+
+
+class _RankCollector(Collector):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scores: dict[tuple[str, int], float] = {}
+        self._flagged: set[tuple[str, int]] = set()
+
+    def update(self, scores: Mapping[tuple[str, int], float], flagged: Iterable[tuple[str, int]]) -> None:
+        with self._lock:
+            self._scores = dict(scores)
+            self._flagged = set(flagged)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        with self._lock:
+            scores, flagged = dict(self._scores), set(self._flagged)
+        score = GaugeMetricFamily("rankwatch_detector_rank_score",
+                                  "Straggler score of the rank at the last evaluation (robust z within its peer group).",
+                                  labels=["run", "rank"])
+        flag = GaugeMetricFamily("rankwatch_detector_rank_flagged",
+                                 "1 while the rank has an open straggler episode.", labels=["run", "rank"])
+        for run, rank in sorted(set(scores) | flagged):
+            if (run, rank) in scores:
+                score.add_metric([run, str(rank)], scores[(run, rank)])
+            flag.add_metric([run, str(rank)], 1.0 if (run, rank) in flagged else 0.0)
+        yield score
+        yield flag
+
+
+class DetectorMetrics:
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ranks = _RankCollector()
+        r.register(self.ranks)
+        self.cycle_duration = Gauge("rankwatch_detector_cycle_duration_seconds",
+                                    "Wall time of the last evaluation cycle, queries included.", registry=r)
+        self.cycles = Counter("rankwatch_detector_cycles", "Evaluation cycles run.", registry=r)
+        self.cycle_failures = Counter("rankwatch_detector_cycle_failures",
+                                      "Cycles that raised an unexpected error (logged) and evaluated nothing.",
+                                      registry=r)
+        self.query_errors = Counter("rankwatch_detector_query_errors", "Queries that failed, by query.",
+                                    ["query"], registry=r)
+        self.events = Counter("rankwatch_detector_events", "Events emitted, by kind and state.",
+                              ["kind", "state"], registry=r)
+        self.sink_errors = Counter("rankwatch_detector_sink_errors", "Exceptions raised by an event sink.",
+                                   ["sink"], registry=r)
+        self.last_cycle = Gauge("rankwatch_detector_last_cycle_timestamp_seconds",
+                                "Unix time (wall clock) the last cycle finished.", registry=r)
+        self.last_evaluated = Gauge("rankwatch_detector_last_evaluated_timestamp_seconds",
+                                    "Data time of the last evaluation.", registry=r)
+        self.observed = Gauge("rankwatch_detector_observed", "Objects in the last snapshot, by kind.",
+                              ["kind"], registry=r)
+        self.interval = Gauge("rankwatch_detector_interval_seconds", "Configured evaluation interval.",
+                              registry=r)
+        self.interval.set(interval_s)
+        self.started = time.time()
+        self._last_ok_wall: float | None = None
+        self._last_errors = 0
+        self._last_t: float | None = None
+
+    def observe_cycle(self, *, t: float, duration_s: float, errors: list[str], events: list[Event],
+                      scores: Mapping[tuple[str, int], float], flagged: Iterable[tuple[str, int]],
+                      counts: Mapping[str, int]) -> None:
+        self.cycles.inc()
+        self.cycle_duration.set(duration_s)
+        for e in errors:
+            self.query_errors.labels(e.split(":", 1)[0] if ":" in e else "unknown").inc()
+        for ev in events:
+            self.events.labels(ev.kind, ev.state).inc()
+        self.ranks.update(scores, flagged)
+        for kind, n in counts.items():
+            self.observed.labels(kind).set(n)
+        now = time.time()
+        self.last_cycle.set(now)
+        self.last_evaluated.set(t)
+        self._last_ok_wall = now
+        self._last_errors = len(errors)
+        self._last_t = t
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while the loop keeps cycling (Prometheus failures are reported, not fatal)."""
+        now = time.time()
+        budget = max(3 * self.interval_s, 60.0)
+        last = self._last_ok_wall
+        ok = (now - self.started < budget) if last is None else (now - last < budget)
+        return ok, {"status": "ok" if ok else "stalled", "last_cycle_wall_time": last,
+                    "last_evaluated_time": self._last_t, "query_errors_last_cycle": self._last_errors}
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text or OpenMetrics by Accept header) and ``/healthz`` (JSON; 503
+    once no cycle has finished for three intervals)."""
+
+    def __init__(self, metrics: DetectorMetrics, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        try:
+            port_n = int(port)
+        except ValueError:
+            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9415") from None
+        host = host.strip("[]") or "0.0.0.0"
+        m = metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+                    self._send(200, ctype, encoder(m.registry))
+                elif path == "/healthz":
+                    ok, body = m.health()
+                    self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+                else:
+                    self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line
+                pass
+
+        try:
+            self.httpd = ThreadingHTTPServer((host, port_n), Handler)
+        except OSError as exc:
+            raise ConfigError(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="detector-http", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,186 @@
+"""The PromQL that builds one detector Snapshot: one query per quantity, each over all ranks,
+GPUs and NICs at once — never one query per rank — so a cycle costs the same few dozen cheap
+requests whatever the job size.
+
+The same expressions serve instant queries (live) and range queries (replay, backtest): a
+range-query point at t is the same evaluation as an instant query at t, so live and replay agree
+by construction. Live sends them in a cheaper but equivalent form (``merge_for_instant``: a few
+merged, the GPU gauges trimmed to their key labels); the rows the joins see are the same, which
+the tests check against the range form on a real Prometheus.
+
+Expressions stay plain selectors and ``*_over_time``/``rate``/``increase`` calls. Joins (per-step
+time = section rate / step rate; rank -> target ``up``; EFA ``instance`` -> host) and de-duplication
+(a target scraped by two jobs) happen in ``source.build_snapshot``, identically for both paths:
+Prometheus 2.x evaluates ``max by`` and vector matching step by step, and measured on a
+64-rank, 30-minute replay they cost 10x the plain selectors (BENCHMARKS.md). Joins follow
+DESIGN.md "Joining series": never on scrape job names. Probe series carry ``run``/``rank``/
+``node``; GPU series carry dcgm's ``Hostname``; EFA series carry only the ``instance`` that
+Prometheus adds, which joins to the host through ``rankwatch_node_info{Hostname}``.
+
+Everything here is PromQL that VictoriaMetrics' MetricsQL also accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Names from the metric contract (DESIGN.md). Changing one means changing its exporter too.
+RANK_INFO = "rankwatch_rank_info"
+NODE_INFO = "rankwatch_node_info"
+# The node exporter's GPU counts carry Hostname (and instance, like every scraped series).
+NODE_GPUS_EXPECTED = "rankwatch_gpu_expected"
+NODE_GPUS_ANSWERING = "rankwatch_gpu_answering"
+RANK_GAUGES = {"rankwatch_step": "step", "rankwatch_last_step_timestamp_seconds": "last_step_time"}
+
+# Every GPU exports its SM clock: the series that says which GPUs a node has.
+GPU_PRESENCE_METRIC = "DCGM_FI_DEV_SM_CLOCK"
+GPU_LAST_VALUE = {  # gauge -> GpuObs field; latest value in the window
+    "DCGM_EXP_GPU_HEALTH_STATUS": "health",
+    "DCGM_FI_DEV_XID_ERRORS": "last_xid",
+    "DCGM_FI_DEV_ROW_REMAP_FAILURE": "remap_failure",
+    "DCGM_FI_DEV_ROW_REMAP_PENDING": "remap_pending",
+    "DCGM_FI_DEV_RETIRED_PENDING": "retired_pending",
+    "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": "clock_event_reasons",
+    "DCGM_FI_DEV_GPU_TEMP": "temperature",
+}
+# The SM clock is averaged: a throttled GPU dips between scrapes, one sample can miss it.
+GPU_WINDOW_AVG = {"sm_clock": "DCGM_FI_DEV_SM_CLOCK"}
+GPU_INCREASE = {  # tag -> counter whose increase over the window is wanted
+    "dbe": "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+    "pcie_replay": "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+    "thermal_violation": "DCGM_FI_DEV_THERMAL_VIOLATION",
+    "power_violation": "DCGM_FI_DEV_POWER_VIOLATION",
+}
+NVLINK_INCREASE = {
+    "crc_flit": "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+    "crc_data": "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+    "replay": "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+    "recovery": "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+}
+# Not queried (the core does not use them, and every query costs a round trip per cycle):
+# SBE counts, power draw, utilisation. GpuObs leaves those fields None.
+XID_COUNT = "DCGM_EXP_XID_ERRORS_COUNT"
+EFA_PREFIX = "node_amazonefa_"
+EFA_THROUGHPUT_COUNTERS = ("tx_bytes", "rx_bytes")
+
+# Identity lookback: a rank, GPU or node that stopped reporting stays known (as down or
+# absent) this long — the default lookback of Prometheus instant queries.
+IDENTITY_LOOKBACK_S = 300.0
+
+
+def tagged(parts: Sequence[tuple[str, str]], label: str = "q") -> str:
+    """Union of expressions, each tagged ``label="<tag>"`` so the rows say which is which. Cheap
+    for few series; for many, Prometheus 2.x pays label_replace and ``or`` at every step of a
+    range query, so large quantities get a query each."""
+    return " or ".join(f'label_replace({expr}, "{label}", "{tag}", "", "")' for tag, expr in parts)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One expression of the per-cycle set. ``name`` says what the rows are to the snapshot
+    builder and prefixes errors in ``Snapshot.errors`` (the core holds rank verdicts while a
+    ``rank_*`` query fails)."""
+
+    name: str
+    expr: str
+    # For a merged instant query (``merge_for_instant``): the names of the queries it holds; its
+    # rows carry ``QUERY_TAG=<name>`` saying which one each row belongs to.
+    parts: tuple[str, ...] = ()
+
+
+# Label that tags the rows of a merged instant query with the name of their own query.
+QUERY_TAG = "rankwatch_query"
+
+
+def _instant_group(name: str) -> str | None:
+    # Only the EFA counters (one query per configured counter, one series per NIC): measured on
+    # 256 ranks, merging them saves the detector 10 ms of CPU per cycle and costs Prometheus
+    # nothing, while merging the per-GPU or per-rank rates (256+ series each) cost Prometheus
+    # more than it saved (``or`` matches every row of one side against the other).
+    return "efa" if name.startswith("efa:") else None
+
+
+def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
+    """The live (instant) form of the query set: small quantities merged into one tagged query
+    per group, the GPU gauges trimmed to their key labels, the others left alone so that
+    Prometheus evaluates them concurrently. Each request
+    costs the detector ~1.5 ms of CPU whatever its size, and on a few small vectors an instant
+    ``label_replace``/``or`` costs Prometheus next to nothing; in a range query Prometheus pays
+    them at every step (4x the separate queries, measured), so replay keeps the separate form.
+    Either way the rows are the same series with the same values: ``source`` splits a merged
+    result back by ``QUERY_TAG``."""
+    groups: dict[str, list[Query]] = {}
+    for q in queries:
+        g = _instant_group(q.name)
+        if g is not None:
+            groups.setdefault(g, []).append(q)
+    out: list[Query] = []
+    done: set[str] = set()
+    for q in queries:
+        g = _instant_group(q.name)
+        if q.name == "gpu_gauges":
+            # Trimmed to the labels the join keys on (the de-duplicating max the join would
+            # take anyway): a third of the bytes, and, in an instant query, 25 % less Prometheus
+            # CPU and half the decoding; in a range query the aggregation at every step costs
+            # more than it saves.
+            out.append(Query(q.name, f"max by (__name__, Hostname, gpu) ({q.expr})"))
+        elif g is None or len(groups[g]) == 1:
+            out.append(q)
+        elif g not in done:
+            done.add(g)
+            members = groups[g]
+            out.append(Query(g, tagged([(m.name, f"({m.expr})") for m in members], QUERY_TAG),
+                             tuple(m.name for m in members)))
+    return out
+
+
+def duration(seconds: float) -> str:
+    """A PromQL duration; milliseconds so that fractional windows survive."""
+    ms = int(round(seconds * 1000))
+    if ms <= 0:
+        raise ValueError(f"duration must be positive, got {seconds!r}")
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _names(names: Sequence[str]) -> str:
+    return "{__name__=~\"" + "|".join(names) + "\"}"
+
+
+def build_queries(window_s: float, efa_counters: Sequence[str]) -> list[Query]:
+    """The per-cycle query set for a window of ``window_s`` seconds ending at the evaluation time."""
+    w = duration(window_s)
+    lb = duration(max(window_s, IDENTITY_LOOKBACK_S))
+    qs = [
+        # Ranks: rankwatch_rank_info is the registry. A rank is fresh when its step counter has
+        # samples in the window (rate() needs two): no separate freshness query.
+        Query("rank_info_seen", f"last_over_time({RANK_INFO}[{lb}])"),
+        Query("rank_steps_rate", f"rate(rankwatch_steps_total[{w}])"),
+        # Per-step means are divided out in the source: rate(x_seconds_total) / rate(steps_total).
+        Query("rank_step_seconds_rate", f"rate(rankwatch_step_seconds_total[{w}])"),
+        Query("rank_section_rate", f"rate(rankwatch_section_seconds_total[{w}])"),
+        Query("rank_tokens_rate", f"rate(rankwatch_tokens_total[{w}])"),
+        Query("rank_gauges", f"last_over_time({_names(list(RANK_GAUGES))}[{w}])"),
+        # Target health of probes and node exporters, matched to them by instance.
+        Query("targets_up", f"up and on(instance) (last_over_time({RANK_INFO}[{lb}]) "
+                            f"or last_over_time({NODE_INFO}[{lb}]))"),
+        # Node exporters (one series each, cheap to bundle): identity over the lookback, GPU
+        # counts and freshness over the window.
+        Query("node_values", tagged([
+            ("seen", f"last_over_time({NODE_INFO}[{lb}])"),
+            ("fresh", f"last_over_time({_names([NODE_INFO, NODE_GPUS_EXPECTED, NODE_GPUS_ANSWERING])}[{w}])"),
+        ])),
+        Query("gpu_seen", f"last_over_time({GPU_PRESENCE_METRIC}[{lb}])"),
+        Query("gpu_gauges", f"last_over_time({_names(list(GPU_LAST_VALUE))}[{w}])"),
+    ]
+    qs += [Query(f"gpu_avg:{tag}", f"avg_over_time({m}[{w}])") for tag, m in GPU_WINDOW_AVG.items()]
+    qs += [Query(f"gpu_increase:{tag}", f"increase({m}[{w}])") for tag, m in GPU_INCREASE.items()]
+    # NVLink error counters are off in dcgm-exporter's defaults: one query for the four.
+    qs.append(Query("gpu_nvlink", tagged([(tag, f"increase({m}[{w}])") for tag, m in NVLINK_INCREASE.items()])))
+    # XID counts per code. The series of a code appears when that XID first happens and
+    # increase() never counts a series' first sample: a series absent one window ago counts
+    # its whole value.
+    xid = f'{XID_COUNT}{{xid!=""}}'
+    qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {w}) or increase({xid}[{w}])"))
+    counters = list(dict.fromkeys([*efa_counters, *EFA_THROUGHPUT_COUNTERS]))
+    qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{w}])") for c in counters]
+    return qs

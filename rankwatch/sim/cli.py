@@ -1,0 +1,99 @@
+"""`rankwatch sim scenario …`: write a replay file (OpenMetrics with timestamps) and its
+ground-truth JSON for a simulated job with one injected fault."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from rankwatch.errors import ConfigError
+
+SCENARIO_KINDS = ("healthy", "slowdown", "spike", "thermal", "dataloader", "xid79", "dbe", "efa", "hang", "job_slowdown")
+DEFAULT_MAGNITUDE = {"slowdown": 0.2, "spike": 0.5, "thermal": 0.15, "dataloader": 0.3, "dbe": 2.0, "efa": 0.3,
+                     "job_slowdown": 0.25}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("sim", help="simulated training jobs and replay files")
+    sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
+    s = sub.add_parser(
+        "scenario", help="write a replay file (OpenMetrics) and ground truth for a simulated job",
+        description="Simulate a synchronous training job with one labelled fault and write OUT/NAME.om "
+                    "(OpenMetrics with timestamps, for promtool tsdb create-blocks-from openmetrics or "
+                    "`rankwatch detect --replay`) and OUT/NAME.truth.json.")
+    s.add_argument("kind", choices=SCENARIO_KINDS, help="fault to inject (healthy = none)")
+    s.add_argument("--out", default=".", help="output directory (default: current directory)")
+    s.add_argument("--name", help="file name stem (default: the kind)")
+    s.add_argument("--layout", default="8x4x2", help="tp x pp x dp, e.g. 8x4x8 for 256 ranks (default 8x4x2)")
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--duration", type=float, default=900.0, help="seconds of job time (default 900)")
+    s.add_argument("--onset", type=float, default=240.0, help="fault start, seconds into the job (default 240)")
+    s.add_argument("--fault-duration", type=float, default=None, help="seconds the fault lasts (default: to the end)")
+    s.add_argument("--magnitude", type=float, default=None, help="fault size (slowdown fraction, …)")
+    s.add_argument("--rank", type=int, default=None, help="target rank for rank/GPU faults (default: last rank of node 1)")
+    s.add_argument("--node", type=int, default=None, help="target node index for efa faults (default 1)")
+    s.add_argument("--step", type=float, default=1.0, help="nominal step time in seconds (default 1.0)")
+    s.add_argument("--scrape", type=float, default=5.0, help="scrape interval in seconds (default 5)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--start-time", type=float, default=1_750_000_000.0, help="Unix time of the job start")
+    s.add_argument("--run", default="sim-run", help="run label (default sim-run)")
+    s.add_argument("--no-layout-labels", action="store_true", help="omit pp/tp/dp labels from rankwatch_rank_info")
+    s.set_defaults(func=_scenario)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def parse_layout(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not m or 0 in (vals := tuple(int(g) for g in m.groups())):
+        raise ConfigError(f"--layout: expected TPxPPxDP with positive integers, e.g. 8x4x2, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def build(args: argparse.Namespace) -> Any:
+    from rankwatch.sim.scenario import Scenario
+    from rankwatch.sim.training import Fault, Layout
+
+    tp, pp, dp = parse_layout(args.layout)
+    lay = Layout(tp=tp, pp=pp, dp=dp)
+    gpn = args.gpus_per_node
+    if gpn < 1:
+        raise ConfigError("--gpus-per-node: must be at least 1")
+    nodes = -(-lay.world // gpn)
+    if args.duration <= 0 or args.scrape <= 0 or args.step <= 0:
+        raise ConfigError("--duration, --scrape and --step must be positive")
+    if not 0 <= args.onset < args.duration:
+        raise ConfigError(f"--onset: must be within the scenario (0 to {args.duration:g} s)")
+    rank = args.rank if args.rank is not None else min(2 * gpn - 1, lay.world - 1)
+    if not 0 <= rank < lay.world:
+        raise ConfigError(f"--rank: must be between 0 and {lay.world - 1}")
+    node = args.node if args.node is not None else min(1, nodes - 1)
+    if not 0 <= node < nodes:
+        raise ConfigError(f"--node: must be between 0 and {nodes - 1}")
+    end = None if args.fault_duration is None else args.onset + args.fault_duration
+    kind = args.kind
+    mag = args.magnitude if args.magnitude is not None else DEFAULT_MAGNITUDE.get(kind, 0.0)
+    faults = []
+    if kind in ("slowdown", "dataloader"):
+        faults.append(Fault(kind, rank=rank, start_s=args.onset, end_s=end, magnitude=mag))
+    elif kind == "spike":
+        faults.append(Fault(kind, rank=rank, start_s=args.onset, end_s=args.onset + (args.fault_duration or 15.0),
+                            magnitude=mag))
+    elif kind in ("thermal", "xid79", "dbe"):
+        faults.append(Fault(kind, node=rank // gpn, gpu=rank % gpn, start_s=args.onset, end_s=end, magnitude=mag))
+    elif kind == "efa":
+        faults.append(Fault(kind, node=node, start_s=args.onset, end_s=end, magnitude=mag))
+    elif kind in ("hang", "job_slowdown"):
+        faults.append(Fault(kind, start_s=args.onset, end_s=end, magnitude=mag))
+    return Scenario(args.name or kind, layout=lay, nodes=nodes, gpus_per_node=gpn, base_step_s=args.step,
+                    duration_s=args.duration, seed=args.seed, faults=faults, scrape_s=args.scrape, run=args.run,
+                    start_time=args.start_time, pp_labels=not args.no_layout_labels)
+
+
+def _scenario(args: argparse.Namespace) -> int:
+    from rankwatch.sim.scenario import write_replay
+
+    sc = build(args)
+    om, truth, n = write_replay(sc, args.out)
+    print(f"wrote {om} ({n} samples, {sc.layout.world} ranks, {sc.duration_s:g} s) and {truth}")
+    return 0

@@ -1,0 +1,176 @@
+"""Straggler detection on simulated jobs: the slowed rank is named with its evidence, once per
+episode, after persistence and with hysteresis; benign noise raises nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.core import DetectorCore
+from rankwatch.detectors.model import RankObs, Snapshot
+from rankwatch.sim.scenario import Scenario, simulate, snapshots
+from rankwatch.sim.training import QUIET, Fault, Layout, Noise
+
+LAYOUT = Layout(tp=2, pp=2, dp=4)  # 16 ranks, 8 per pipeline stage
+T0 = 1_750_000_000.0
+
+
+def scenario(name: str, faults=(), noise: Noise | None = None, duration: float = 480.0, **kw) -> Scenario:
+    return Scenario(name, layout=LAYOUT, nodes=4, gpus_per_node=4, duration_s=duration, seed=11,
+                    noise=noise or Noise(), faults=list(faults), **kw)
+
+
+def run(sc: Scenario, cfg: DetectorConfig | None = None, core: DetectorCore | None = None):
+    core = core or DetectorCore(cfg)
+    events = []
+    for snap in snapshots(simulate(sc), core.config.interval_s, core.config.window_s):
+        events += core.evaluate(snap)
+    return events, core
+
+
+def test_slowed_rank_fires_once_with_evidence_and_resolves_once():
+    sc = scenario("slow", [Fault("slowdown", rank=6, start_s=150, end_s=330, magnitude=0.2)])
+    events, core = run(sc)
+    strag = [e for e in events if e.kind == "straggler"]
+    assert [(e.state, e.rank) for e in strag] == [("firing", 6), ("resolved", 6)]
+    fire, res = strag
+    assert fire.episode == res.episode and fire.since == fire.time
+    # persistence: 3 evaluations after the first fully slowed window, not before
+    assert 150 + 2 * 15 <= fire.time - T0 <= 150 + 4 * 15
+    assert 330 < res.time - T0 <= 330 + 3 * 15  # hysteresis: 2 clean evaluations
+    ev = fire.evidence
+    assert ev["cause"] == "compute" and 0.15 < ev["compute_slowdown"] < 0.25
+    assert ev["peer_group"].endswith("pp=0") and ev["peer_group_size"] == 8
+    assert ev["waits_least"] is True  # everyone else waits for it in collectives
+    assert 0.1 < ev["est_job_speedup"] < 0.25
+    pct = round(ev["compute_slowdown"] * 100)
+    assert "Rank 6" in fire.summary and f"{pct} % slower" in fire.summary and "faster" in fire.summary
+    json.loads(fire.to_json())
+    assert core.flagged == set() and core.scores[("sim-run", 6)] < 3.5
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        Noise(gc_prob=0.05, gc_pause=0.3),  # frequent GC pauses
+        Noise(eval_every=20, eval_factor=4.0),  # eval steps
+        Noise(checkpoint_every=30, checkpoint_factor=8.0),  # checkpoint steps
+        Noise(seq_imbalance=0.05),  # sequence-length imbalance
+        Noise(first_stage_weight=1.3, last_stage_weight=1.6),  # heavy first/last pipeline stage
+        Noise(warmup_extra=3.0, warmup_s=60.0),  # long warm-up
+    ],
+    ids=["gc", "eval", "checkpoint", "seqlen", "stages", "warmup"],
+)
+def test_benign_noise_raises_nothing(noise):
+    events, _ = run(scenario("benign", noise=noise, duration=600.0))
+    assert events == []
+
+
+def test_unknown_layout_still_compares_within_stages():
+    heavy = Noise(last_stage_weight=1.3)
+    assert run(scenario("nolayout", noise=heavy, pp_labels=False))[0] == []
+    events, _ = run(scenario("nolayout-slow", [Fault("slowdown", rank=3, start_s=150, magnitude=0.15)],
+                             noise=heavy, pp_labels=False))
+    assert [(e.kind, e.state, e.rank) for e in events if e.kind == "straggler"] == [("straggler", "firing", 3)]
+
+
+def test_transient_spikes_raise_nothing():
+    spikes = [Fault("spike", rank=5, start_s=150 + 60 * k, end_s=165 + 60 * k, magnitude=0.5) for k in range(4)]
+    assert run(scenario("spikes", spikes))[0] == []
+
+
+def test_dataloader_only_straggler_names_the_dataloader():
+    events, _ = run(scenario("dl", [Fault("dataloader", rank=9, start_s=150, magnitude=0.2)]))
+    fire = [e for e in events if e.kind == "straggler"]
+    assert len(fire) == 1 and fire[0].rank == 9 and fire[0].state == "firing"
+    assert fire[0].evidence["cause"] == "dataloader" and "dataloader" in fire[0].summary
+
+
+def test_five_percent_slowdown_is_found():
+    events, _ = run(scenario("slow5", [Fault("slowdown", rank=12, start_s=150, magnitude=0.05)]))
+    assert [(e.kind, e.rank) for e in events] == [("straggler", 12)]
+
+
+def _snap(t: float, values: dict[int, float], pp: dict[int, int] | None = None,
+          overrides: dict[int, dict] | None = None) -> Snapshot:
+    ranks = []
+    for r, c in values.items():
+        kw = {"up": True, "steps_rate": 1.0, "step_seconds": 1.2,
+              "sections": {"forward": c / 3, "backward": 2 * c / 3, "comm": 1.2 - c}} | (overrides or {}).get(r, {})
+        ranks.append(RankObs(run="r", rank=r, node=f"n{r}", pp=(pp or {}).get(r, 0), **kw))
+    return Snapshot(time=t, window_s=15.0, ranks=ranks)
+
+
+def _feed(core, snaps):
+    out = []
+    for s in snaps:
+        out += core.evaluate(s)
+    return out
+
+
+def test_groups_of_one_and_two_and_ranks_without_data():
+    cfg = DetectorConfig(warmup_s=0.0)
+    # pp 0 has two ranks (0 slow by 30 %), pp 1 has one rank (no peers), rank 3 has no data
+    core = DetectorCore(cfg)
+    vals = {0: 1.3, 1: 1.0, 2: 2.0, 3: 1.0}
+    pp = {0: 0, 1: 0, 2: 1, 3: 1}
+    empty = {3: {"sections": {}, "steps_rate": 0.0}}
+    events = _feed(core, [_snap(T0 + 15 * k, vals, pp, empty) for k in range(5)])
+    assert [(e.kind, e.rank) for e in events] == [("straggler", 0)]
+    assert events[0].evidence["peer_group_size"] == 2
+    # the same group of two with a 5 % gap: below the small-group margin, nothing
+    core = DetectorCore(cfg)
+    assert _feed(core, [_snap(T0 + 15 * k, {0: 1.05, 1: 1.0}) for k in range(6)]) == []
+
+
+def test_down_or_missing_ranks_are_never_stragglers():
+    cfg = DetectorConfig(warmup_s=0.0)
+    core = DetectorCore(cfg)
+    vals = {r: 1.0 for r in range(8)}
+    vals[7] = 3.0  # looks slow, but its endpoint is down: stale numbers are no evidence
+    events = _feed(core, [_snap(T0 + 15 * k, vals, overrides={7: {"up": False}}) for k in range(6)])
+    assert events == []
+    # the probe queries failed this cycle: nothing is scored, nothing fires
+    snaps = []
+    for k in range(6):
+        s = _snap(T0 + 15 * k, {**vals, 7: 3.0})
+        s.errors.append("rankwatch_section_seconds_total: timeout")
+        snaps.append(s)
+    assert _feed(DetectorCore(cfg), snaps) == []
+
+
+def test_state_round_trip_neither_loses_nor_repeats_an_alert():
+    cfg = DetectorConfig(warmup_s=0.0)
+    vals = {r: 1.0 + 0.001 * r for r in range(8)}
+    slow = {**vals, 2: 1.3}
+    core = DetectorCore(cfg)
+    fired = _feed(core, [_snap(T0 + 15 * k, slow) for k in range(4)])
+    assert [(e.state, e.rank) for e in fired] == [("firing", 2)]
+    state = json.loads(json.dumps(core.export_state()))
+    restarted = DetectorCore(cfg)
+    restarted.import_state(state)
+    assert restarted.flagged == {("r", 2)}
+    again = _feed(restarted, [_snap(T0 + 15 * k, slow) for k in range(4, 6)])
+    assert again == []  # no second firing after a restart
+    res = _feed(restarted, [_snap(T0 + 15 * k, vals) for k in range(6, 9)])
+    assert [(e.state, e.episode) for e in res] == [("resolved", fired[0].episode)]
+    with pytest.raises(ValueError):
+        DetectorCore(cfg).import_state({"version": 99})
+
+
+def test_quiet_job_scores_stay_low():
+    events, core = run(scenario("quiet", noise=QUIET))
+    assert events == [] and max(core.scores.values()) < 3.5 and len(core.scores) == LAYOUT.world
+
+
+def test_config_thresholds_are_honoured():
+    sc = scenario("slow10", [Fault("slowdown", rank=6, start_s=150, magnitude=0.1)])
+    strict = dataclasses.replace(DetectorConfig(), min_slowdown=0.15)
+    assert run(sc, strict)[0] == []
+    late = dataclasses.replace(DetectorConfig(), persist_windows=6)
+    e_default = run(sc)[0][0]
+    e_late = run(sc, late)[0][0]
+    assert e_late.time - e_default.time == pytest.approx(3 * 15)

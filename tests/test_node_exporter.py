@@ -1,0 +1,270 @@
+"""The node exporter daemon: one failing or hanging collector never breaks a scrape, concurrent
+scrapes all succeed with consistent output, no NVML still serves EFA, and the CLI reports bad
+flags without a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pynvml
+import pytest
+import requests
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from rankwatch import promserver
+from rankwatch.cli import main
+from rankwatch.exporters.efa import EfaCollector
+from rankwatch.exporters.gpu import GpuCollector
+from rankwatch.exporters.node import NodeExporter, parse_listen_address
+from rankwatch.sim.node import SimulatedNode
+from rankwatch.sim.nvml import ManualClock, SimulatedNVML
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SYSFS = FIXTURES / "sysfs"
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?) (\S+)$")
+
+
+def series(text: str) -> dict[str, float]:
+    """'name{labels}' → value for every sample line of an exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = _LINE.match(line)
+            assert m, line
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+class FailingCollector:
+    """A collector whose hardware library raises: the runner must contain it."""
+
+    name = "failing"
+
+    def collect(self) -> Iterable[Metric]:
+        raise OSError("device library crashed")
+
+    def close(self) -> None:
+        pass
+
+
+class HangingCollector:
+    """A collector stuck in a driver call until released."""
+
+    name = "hanging"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def collect(self) -> Iterable[Metric]:
+        self.release.wait()
+        g = GaugeMetricFamily("rankwatch_test_answer", "answered after release")
+        g.add_metric([], 1)
+        return [g]
+
+    def close(self) -> None:
+        self.release.set()
+
+
+@pytest.fixture
+def efa() -> Iterator[EfaCollector]:
+    c = EfaCollector(SYSFS)
+    yield c
+    c.close()
+
+
+def test_a_raising_collector_costs_only_itself(efa: EfaCollector) -> None:
+    exporter = NodeExporter([FailingCollector(), efa], "node-a", process_metrics=False)
+    try:
+        s = series(exporter.scrape().decode())
+        assert s['rankwatch_exporter_collector_success{collector="failing"}'] == 0
+        assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
+        assert s['node_amazonefa_tx_bytes{device="rdmap16s0",port="1"}'] > 0
+        assert s['rankwatch_node_info{Hostname="node-a"}'] == 1
+    finally:
+        exporter.close()
+
+
+def test_a_hanging_collector_is_given_up_after_the_timeout(efa: EfaCollector) -> None:
+    hanging = HangingCollector()
+    exporter = NodeExporter([hanging, efa], "node-a", collector_timeout=0.5, process_metrics=False)
+    try:
+        t0 = time.monotonic()
+        s = series(exporter.scrape().decode())
+        assert time.monotonic() - t0 < 2.0
+        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 0
+        assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
+        assert 'node_amazonefa_rx_bytes{device="rdmap17s0",port="1"}' in s
+        t0 = time.monotonic()  # still stuck: reported at once, no second call queued behind it
+        s = series(exporter.scrape().decode())
+        assert time.monotonic() - t0 < 0.4
+        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 0
+        hanging.release.set()
+        time.sleep(0.05)
+        s = series(exporter.scrape().decode())
+        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 1
+        assert s["rankwatch_test_answer"] == 1
+    finally:
+        exporter.close()
+
+
+def test_concurrent_scrapes_all_succeed_and_agree(tmp_path: Path) -> None:
+    node = SimulatedNode("node-c", sysfs_root=tmp_path / "sys")  # 8 GPUs + 32 EFA devices
+    server = node.serve("127.0.0.1", 0)
+    try:
+        def get(_: int) -> tuple[int, str]:
+            r = requests.get(server.url + "/metrics", timeout=30)
+            return r.status_code, r.text
+
+        previous: dict[str, float] | None = None
+        requests_sent = 0
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            for _round in range(3):
+                results = list(pool.map(get, range(24)))
+                requests_sent += len(results)
+                assert [code for code, _ in results] == [200] * 24
+                parsed = [series(text) for _, text in results]
+                keys = set(parsed[0])
+                assert all(set(p) == keys for p in parsed)  # same series in every response
+                tx = [k for k in keys if k.startswith("node_amazonefa_tx_bytes{")]
+                assert len(tx) == 32
+                assert len([k for k in keys if k.startswith("DCGM_FI_DEV_GPU_TEMP{")]) == 8
+                assert all(p['rankwatch_exporter_collector_success{collector="efa"}'] == 1 for p in parsed)
+                assert all(p['rankwatch_exporter_collector_success{collector="gpu"}'] == 1 for p in parsed)
+                # counters never go backwards between responses
+                for p in parsed:
+                    if previous is not None:
+                        assert all(p[k] >= previous[k] for k in tx)
+                previous = max(parsed, key=lambda p: sum(p[k] for k in tx))
+        assert node.exporter.collections < requests_sent  # simultaneous scrapes coalesced
+    finally:
+        node.close()
+
+
+def test_http_endpoints(efa: EfaCollector) -> None:
+    exporter = NodeExporter([efa], "node-h")
+    server = exporter.serve("127.0.0.1", 0)
+    keep_alive = requests.Session()
+    try:
+        assert keep_alive.get(server.url + "/healthz", timeout=10).status_code == 200
+        r = requests.get(server.url + "/metrics", timeout=10)
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "process_resident_memory_bytes " in r.text
+        assert requests.get(server.url + "/healthz", timeout=10).text == "ok\n"
+        assert "/metrics" in requests.get(server.url + "/", timeout=10).text
+        assert requests.get(server.url + "/nope", timeout=10).status_code == 404
+        head = requests.head(server.url + "/metrics", timeout=10)
+        assert head.status_code == 200 and int(head.headers["Content-Length"]) > 1000
+    finally:
+        server.stop()
+        exporter.close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url + "/healthz", timeout=2)
+    with pytest.raises(requests.ConnectionError):  # nor on a connection opened before stop()
+        keep_alive.get(server.url + "/healthz", timeout=2)
+
+
+def test_without_nvml_efa_is_still_served(efa: EfaCollector) -> None:
+    nvml = SimulatedNVML("node-n", init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    exporter = NodeExporter([GpuCollector(nvml=nvml, hostname="node-n", listen_xid_events=False), efa], "node-n",
+                            process_metrics=False)
+    try:
+        s = series(exporter.scrape().decode())
+        assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
+        assert len([k for k in s if k.startswith("node_amazonefa_tx_bytes{")]) == 4
+        assert not [k for k in s if k.startswith("DCGM_FI_DEV_GPU_TEMP")]
+        assert [v for k, v in s.items() if k.startswith("rankwatch_gpu_nvml_available")] == [0]
+    finally:
+        exporter.close()
+
+
+def test_simulated_node_counters_follow_the_simulated_clock(tmp_path: Path) -> None:
+    clock = ManualClock(1_767_225_600.0)
+    node = SimulatedNode("node-s", gpus=1, efa=2, sysfs_root=tmp_path / "sys", clock=clock)
+    try:
+        key = 'node_amazonefa_tx_bytes{device="rdmap16s0",port="1"}'
+        drops = 'node_amazonefa_rx_drops{device="rdmap17s0",port="1"}'
+        first = series(node.exporter.scrape().decode())
+        again = series(node.exporter.scrape().decode())
+        assert again[key] == first[key]  # simulated time stands still
+        node.efa.inject(1, "rx_drops", rate=10)
+        clock.advance(30)
+        later = series(node.exporter.scrape().decode())
+        assert 0.3 * 12.5e9 * 30 < later[key] - first[key] < 0.5 * 12.5e9 * 30
+        assert later[drops] - first[drops] == 300
+        energy = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0"'
+        e1 = [v for k, v in first.items() if k.startswith(energy)]
+        e2 = [v for k, v in later.items() if k.startswith(energy)]
+        assert e2[0] > e1[0]
+    finally:
+        node.close()
+
+
+def test_simulated_node_removes_its_temporary_tree() -> None:
+    node = SimulatedNode("node-t", gpus=1, efa=1)
+    root = node.sysfs_root
+    assert (root / "class" / "infiniband").is_dir()
+    node.close()
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--web.listen-address", "localhost"], "--web.listen-address 'localhost': expected HOST:PORT"),
+    (["--no-collector.gpu", "--no-collector.efa"], "every collector is disabled"),
+    (["--collector.efa.timeout", "0"], "--collector.efa.timeout must be > 0"),
+    (["--job-mapping-dir", "/nonexistent/dir"], "--job-mapping-dir /nonexistent/dir: not a directory"),
+])
+def test_cli_rejects_bad_flags_without_traceback(args: list[str], message: str, capsys) -> None:
+    assert main(["node-exporter", *args]) == 2
+    assert f"rankwatch: error: {message}" in capsys.readouterr().err
+
+
+def test_cli_port_in_use(capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = main(["node-exporter", "--no-collector.gpu", "--path.sysfs", str(SYSFS),
+                     "--web.listen-address", f"127.0.0.1:{port}"])
+    assert code == 2
+    assert f"rankwatch: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_listen_address_forms() -> None:
+    assert parse_listen_address(":9410") == ("0.0.0.0", 9410)
+    assert parse_listen_address("127.0.0.1:1") == ("127.0.0.1", 1)
+    assert parse_listen_address("[::1]:9410") == ("::1", 9410)
+
+
+@pytest.mark.slow
+def test_real_pynvml_without_a_gpu_serves_efa(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """The real pynvml on this machine: without an NVIDIA driver (CI) it raises, and the
+    exporter serves EFA, says so once in the log and in a metric, and stops cleanly on SIGTERM.
+    With a driver, the GPUs are served next to EFA."""
+    has_driver = os.path.exists("/dev/nvidiactl")
+    port = promserver.free_port()
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rankwatch", "node-exporter", "--path.sysfs", str(SYSFS),
+                                 "--web.listen-address", f"127.0.0.1:{port}", "--hostname", "cpu-node"],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env)
+    try:
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        s = series(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+        assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
+        assert len([k for k in s if k.startswith("node_amazonefa_info{")]) == 4
+        assert [v for k, v in s.items() if k.startswith("rankwatch_gpu_nvml_available")] == [int(has_driver)]
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=20)
+    assert code == 0, log.read_text()
+    assert ("NVML unavailable" in log.read_text()) is not has_driver
