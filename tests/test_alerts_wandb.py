@@ -52,3 +52,20 @@ def test_monitor_run_gets_one_alert_per_incident_and_the_scores(tmp_path: Path) 
     runs = [r.run for r in read_transaction_log(log) if r.WhichOneof("record_type") == "run"]
     assert runs[0].run_group == "llama-cpt" and runs[0].job_type == "rankwatch-monitor"
     assert runs[0].project == "llama" and runs[0].run_id == monitor_run_id("llama-cpt-7")
+
+
+def test_offline_alerts_count_a_run_reached_under_two_names_once(tmp_path: Path) -> None:
+    doc = {"wandb": {"project": "llama", "mode": "offline"}, "notify": {"group_wait_s": 0}}
+    state = tmp_path / "state"
+    sink = AlertSink(load_alerting_config(doc, environ={}), state_dir=state, start_thread=False)
+    sink.publish([ev(3)])
+    assert sink.flush(timeout=60) == 0
+    sink.close()
+    wandb_dir = state / "wandb"
+    [log] = list(wandb_dir.rglob("run-*.wandb"))
+    # W&B's own latest-run link to the run directory, and the same log linked through it
+    runs_dir = log.parent.parent
+    assert (runs_dir / "latest-run").resolve() == log.parent.resolve()
+    (runs_dir / log.name).symlink_to(Path("latest-run") / log.name)
+    assert [a["title"] for a in offline_alerts(wandb_dir)] == ["#1 Straggler: rank 3 on p5-001 (GPU 3)"]
+    assert len([r for r in offline_history(wandb_dir) if r]) == len([r for r in offline_history(log.parent) if r])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rankwatch.detectors.config import DetectorConfig
 from rankwatch.detectors.core import DetectorCore
-from rankwatch.detectors.model import GpuObs, NicObs, NodeObs, Snapshot
+from rankwatch.detectors.model import GpuObs, NicObs, NodeObs, RankObs, Snapshot
 from rankwatch.sim.scenario import Scenario, simulate, snapshot_at, snapshots
 from rankwatch.sim.training import Fault, Layout
 
@@ -155,3 +155,54 @@ def test_throughput_drop_names_the_straggler_as_top_cause():
     drop = [e for e in events if e.kind == "throughput_drop"]
     assert drop and drop[0].evidence["top_cause"]["kind"] == "straggler"
     assert drop[0].evidence["top_cause"]["rank"] == 4 and "top cause" in drop[0].summary
+
+
+def test_run_loading_its_model_is_not_hung_until_it_has_stepped():
+    core = DetectorCore()
+    events = []
+    # a 70B job loads for 10 minutes: endpoints answer, step number 0, no step finished yet
+    for k in range(40):
+        ranks = [RankObs(run="llama-70b", rank=r, node="n0", step=0.0, steps_rate=0.0) for r in range(4)]
+        events += core.evaluate(Snapshot(time=T0 + 15 * k, window_s=15, ranks=ranks))
+    assert events == []
+    # it steps, then stops stepping while every endpoint answers: that is a hang
+    for k in range(40, 50):
+        last = T0 + 15 * 40
+        ranks = [RankObs(run="llama-70b", rank=r, node="n0", step=5.0, last_step_time=last,
+                         steps_rate=5 / 15 if k == 40 else 0.0, step_seconds=3.0 if k == 40 else None)
+                 for r in range(4)]
+        events += core.evaluate(Snapshot(time=T0 + 15 * k, window_s=15, ranks=ranks))
+    assert [(e.kind, e.state, e.run) for e in events] == [("hang", "firing", "llama-70b")]
+    assert 60 < events[0].time - (T0 + 15 * 40) <= 60 + 15
+
+
+def test_hardware_events_name_the_run_and_rank_on_the_node_and_keep_their_ids():
+    import json
+
+    def snap(k: int, dbe: float) -> Snapshot:
+        # node a: run "big" on GPUs 0-2, run "alpha" on GPU 3 (found by UUID only); node b: "big"
+        ranks = [RankObs(run="big", rank=r, node="a", gpu=str(r)) for r in range(3)]
+        ranks += [RankObs(run="alpha", rank=0, node="a", gpu_uuid="GPU-a3")]
+        ranks += [RankObs(run="big", rank=r, node="b", gpu=str(r - 3)) for r in range(3, 7)]
+        gpus = [GpuObs(node="a", gpu="3", uuid="GPU-a3", dbe_increase=dbe), GpuObs(node="a", gpu="1")]
+        nics = [NicObs(node=n, device="rdmap0", increase={"retrans_pkts": 500.0 if n == "a" and 2 <= k < 4 else 0.0})
+                for n in "abcd"]
+        return Snapshot(time=T0 + 15 * k, window_s=15, ranks=ranks, gpus=gpus, nics=nics)
+
+    core = DetectorCore()
+    events = [e for k in range(4) for e in core.evaluate(snap(k, 2.0 if k == 3 else 0.0))]
+    gpu = next(e for e in events if e.kind == "gpu_fault")
+    assert (gpu.run, gpu.rank, gpu.node, gpu.gpu) == ("alpha", 0, "a", "3")
+    assert gpu.evidence["runs_on_gpu"] == {"alpha": [0]}
+    net = next(e for e in events if e.kind == "network")
+    # two runs share node a: the one with most ranks there is named, both are listed
+    assert (net.run, net.rank, net.node) == ("big", None, "a")
+    assert net.evidence["runs_on_node"] == {"alpha": [0], "big": [0, 1, 2]}
+
+    restarted = DetectorCore()
+    restarted.import_state(json.loads(json.dumps(core.export_state())))
+    later = [e for k in range(4, 12) for e in restarted.evaluate(snap(k, 0.0)) if e.state == "resolved"]
+    nics_later = [e for e in later if e.kind == "network"]
+    gpus_later = [e for e in later if e.kind == "gpu_fault"]
+    assert [(e.episode, e.run) for e in gpus_later] == [(gpu.episode, "alpha")]
+    assert [(e.episode, e.run) for e in nics_later] == [(net.episode, "big")]

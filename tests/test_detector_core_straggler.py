@@ -174,3 +174,58 @@ def test_config_thresholds_are_honoured():
     e_default = run(sc)[0][0]
     e_late = run(sc, late)[0][0]
     assert e_late.time - e_default.time == pytest.approx(3 * 15)
+
+
+def test_smoothed_history_never_flags_a_rank_that_is_not_slower_now():
+    import numpy as np
+
+    from rankwatch.detectors.straggler import RankTable, score_ranks
+
+    cfg = DetectorConfig(warmup_s=0.0)
+    # rank 0 was slow for a long time (its slow signal is saturated), now it is 1 % *faster*
+    vals = {r: 1.0 + 0.001 * r for r in range(16)}
+    vals[0] = 0.99
+    snap = _snap(T0, vals)
+    prev = RankTable()
+    ranks = np.arange(16)
+    prev.put(["r"], np.zeros(16, np.int64), ranks, np.where(ranks == 0, cfg.smooth_clip, 0.0))
+    sc = score_ranks(snap.ranks, cfg, 15.0, smooth_prev=prev)
+    assert sc.z_smooth[0] >= cfg.z_threshold and sc.rel_compute[0] < 0  # the memory alone is high
+    assert not sc.flagged.any()
+
+
+def test_a_group_with_most_peers_down_gives_no_verdict():
+    cfg = DetectorConfig(warmup_s=0.0)
+    vals = {r: 1.0 + 0.001 * (r % 7) for r in range(64)}
+    vals[5] = 1.3  # 30 % slower than every answering peer
+
+    def feed(answering: int, k0: int = 0, n: int = 6):
+        down = {r: {"up": False} for r in range(answering, 64)}
+        return _feed(core, [_snap(T0 + 15 * (k0 + k), vals, overrides=down) for k in range(n)])
+
+    core = DetectorCore(cfg)
+    assert feed(25) == []  # 25 of 64 answer: under the default quorum of half the group
+    core = DetectorCore(cfg)
+    fired = feed(40)  # 40 of 64 answer: a verdict, and rank 5 is named
+    assert [(e.state, e.rank) for e in fired] == [("firing", 5)]
+    # the group collapses while the episode is open: no verdict, so no early "resolved" either
+    assert feed(25, 6, 6) == []
+    assert core.flagged == {("r", 5)}
+    core = DetectorCore(dataclasses.replace(cfg, min_answering_frac=0.7))
+    assert feed(40) == []  # the quorum is configurable
+
+
+def test_episode_resolves_after_resolve_windows_not_when_the_slow_signal_has_decayed():
+    # a noisy group (peers 2 % either side of the median): after a long 30 % slowdown, rank 0
+    # is back within the noise (3.5 % above the median, under the 4 % minimum, z about 1); its
+    # smoothed signal takes about 8 windows to decay, resolution must take resolve_windows
+    peers = {r: 1.0 + (0.02 if r % 2 else -0.02) for r in range(1, 15)} | {15: 1.0}
+    slow, cured = {0: 1.3, **peers}, {0: 1.045, **peers}
+    for resolve in (2, 4):
+        cfg = DetectorConfig(warmup_s=0.0, resolve_windows=resolve)
+        core = DetectorCore(cfg)
+        fired = _feed(core, [_snap(T0 + 15 * k, slow) for k in range(20)])
+        assert [(e.state, e.rank) for e in fired] == [("firing", 0)]
+        res = _feed(core, [_snap(T0 + 15 * (20 + k), cured) for k in range(12)])
+        assert [(e.state, e.rank) for e in res] == [("resolved", 0)]
+        assert res[0].time == T0 + 15 * (20 + resolve - 1)

@@ -78,6 +78,9 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb keeps process-wide settings (its run directory among them) from the first
+    # wandb.init of the process: forget whatever an earlier test left so WANDB_DIR applies.
+    wandb.teardown()
     had_service = "WANDB_SERVICE" in os.environ
     yield tmp_path
     # Stop the wandb-core service an in-process wandb.init started, and forget it.

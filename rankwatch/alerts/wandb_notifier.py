@@ -161,10 +161,19 @@ def _parse(pb2: Any, raw: bytes) -> Any:
     return rec
 
 
+def _run_logs(wandb_dir: str | Path) -> list[Path]:
+    """Each offline run's transaction log once, oldest first: W&B links ``latest-run`` to the
+    newest run directory, so the same log can be reached under two names."""
+    logs: dict[Path, Path] = {}
+    for f in Path(wandb_dir).rglob("run-*.wandb"):
+        logs.setdefault(f.resolve(), f)
+    return sorted(logs.values(), key=lambda p: p.stat().st_mtime)
+
+
 def offline_alerts(wandb_dir: str | Path) -> list[dict[str, Any]]:
     """Every alert recorded by offline runs under ``wandb_dir`` (oldest run first)."""
     out = []
-    for f in sorted(Path(wandb_dir).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime):
+    for f in _run_logs(wandb_dir):
         run_id = f.stem[len("run-"):]
         for rec in read_transaction_log(f):
             if rec.WhichOneof("record_type") == "alert":
@@ -178,7 +187,7 @@ def offline_history(wandb_dir: str | Path) -> list[dict[str, Any]]:
     import json
 
     rows = []
-    for f in sorted(Path(wandb_dir).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime):
+    for f in _run_logs(wandb_dir):
         for rec in read_transaction_log(f):
             if rec.WhichOneof("record_type") == "history":
                 row = {}

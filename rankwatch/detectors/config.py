@@ -52,6 +52,11 @@ class DetectorConfig:
     # MAD is floored at this fraction of the peer median: a perfectly uniform group (MAD = 0)
     # must not turn a 0.1 % difference into an infinite z-score.
     mad_floor_rel: float = 0.005
+    # Quorum: a peer group gives verdicts only while at least this fraction of its ranks (those
+    # the snapshot lists for the run and pp stage; the whole run when it has no pp labels)
+    # answers with data. With most peers down, the survivors' median is no reference, and an
+    # open episode is held as "no data" rather than judged.
+    min_answering_frac: float = 0.5
     min_group_size: int = 3  # groups smaller than this are compared to their fastest peer instead
     small_group_min_slowdown: float = 0.10  # slowdown vs the fastest peer for groups of 2
     persist_windows: int = 3  # consecutive flagged evaluations before an episode fires
@@ -112,6 +117,8 @@ class DetectorConfig:
                      "mad_floor_rel", "cluster_gap_rel", "smooth_alpha", "smooth_clip"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be between 0 and 1 (a fraction), got {getattr(self, name)!r}")
+        if not 0 <= self.min_answering_frac <= 1:
+            raise ConfigError(f"min_answering_frac: must be between 0 and 1 (a fraction), got {self.min_answering_frac!r}")
         if not 0 < self.throughput_p_value < 1:
             raise ConfigError(f"throughput_p_value: must be between 0 and 1, got {self.throughput_p_value!r}")
         if self.min_group_size < 2:

@@ -16,7 +16,7 @@ from rankwatch.detectors.diagnose import straggler_finding_text
 from rankwatch.detectors.episodes import EpisodeTracker, Finding
 from rankwatch.detectors.gpu_health import GpuHealth
 from rankwatch.detectors.hang import HangDetector
-from rankwatch.detectors.model import Snapshot
+from rankwatch.detectors.model import RankObs, Snapshot
 from rankwatch.detectors.network import NetworkHealth
 from rankwatch.detectors.straggler import RankTable, score_ranks
 from rankwatch.detectors.throughput import ThroughputDetector
@@ -59,8 +59,9 @@ class DetectorCore:
         events: list[Event] = []
 
         gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
-        events += self.trackers["gpu_fault"].update(t, gpu_findings)
         net_findings, net_diag = self.net.evaluate(snap)
+        _attach_runs(snap, gpu_findings + net_findings)
+        events += self.trackers["gpu_fault"].update(t, gpu_findings)
         events += self.trackers["network"].update(t, net_findings)
 
         seen = self.run_first_seen
@@ -101,6 +102,8 @@ class DetectorCore:
         if tracker.state:
             idx |= {j for j, k in enumerate(keys) if f"{k[0]}:{k[1]}" in tracker.state}
         for i in sorted(idx):
+            if not sc.quorum[i]:
+                continue  # too few peers answer: no verdict, an open episode counts it as missing
             o = sc.obs[i]
             key = f"{o.run}:{o.rank}"
             flagged = bool(sc.sustained[i]) if key in open_keys else bool(sc.flagged[i])
@@ -196,6 +199,42 @@ class DetectorCore:
         self.basis_count.load(state.get("basis_count", {}))
         self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
                         for st in self.trackers["straggler"].open_episodes().values()}
+
+
+def _attach_runs(snap: Snapshot, findings: list[Finding]) -> None:
+    """Name the run (and for a GPU, the rank) a hardware finding affects, from the ranks the
+    snapshot places on its node/GPU. Only the subject and evidence change, never the finding's
+    key, so episode ids stay what they were. Several runs on one node: the one with most ranks
+    there (then by name) is the event's run; all are listed in the evidence."""
+    todo = [f for f in findings if f.subject.get("node") is not None and f.subject.get("run") is None]
+    if not todo:
+        return
+    nodes = {f.subject["node"] for f in todo}
+    on_node: dict[str, list[RankObs]] = defaultdict(list)
+    for r in snap.ranks:
+        if r.node in nodes:
+            on_node[r.node].append(r)
+    uuids = {(g.node, g.gpu): g.uuid for g in snap.gpus if g.uuid and g.node in nodes}
+    for f in todo:
+        node, gpu = f.subject["node"], f.subject.get("gpu")
+        ranks = on_node.get(node, [])
+        if not ranks:
+            continue
+        on_gpu = False
+        if gpu is not None:
+            uuid = uuids.get((node, gpu))
+            users = [r for r in ranks if r.gpu == gpu or (uuid is not None and r.gpu_uuid == uuid)]
+            if users:
+                ranks, on_gpu = users, True
+        by_run: dict[str, list[int]] = defaultdict(list)
+        for r in ranks:
+            by_run[r.run].append(r.rank)
+        run = min(by_run, key=lambda name: (-len(by_run[name]), name))
+        f.subject = {**f.subject, "run": run}
+        if on_gpu:
+            f.subject["rank"] = min(by_run[run])
+        where = "on_gpu" if on_gpu else "on_node"
+        f.evidence = {**f.evidence, f"runs_{where}": {name: sorted(rk) for name, rk in sorted(by_run.items())}}
 
 
 def _rank_queries_failed(snap: Snapshot) -> bool:

@@ -53,6 +53,10 @@ class HangDetector:
                 med = float(np.median(a["times"]))
                 st["step_s"] = med if "step_s" not in st else 0.8 * st["step_s"] + 0.2 * med
             progress, last, advanced = a["step"], a["last"], a["adv"]
+            if "progress_time" not in st and last is None and not advanced and not (progress or 0) > 0:
+                # endpoints up but no step completed yet (a step number of 0 counts none): the
+                # job is still loading its model (minutes for a 70B), which is a start, not a hang
+                continue
             if progress is not None and progress > st.get("progress", -np.inf):
                 st["progress"] = progress
                 st["progress_time"] = last if last is not None else snap.time
@@ -62,12 +66,8 @@ class HangDetector:
                 # first sight of the run: trust the last-step timestamp if there is one
                 if last is not None:
                     st["progress_time"] = last
-                elif advanced:
-                    st["progress_time"] = snap.time
                 else:
-                    # endpoints up but no step completed yet: the job is still loading its
-                    # model (minutes for a 70B), which is a start, not a hang
-                    continue
+                    st["progress_time"] = snap.time
             if last is not None:
                 st["progress_time"] = max(st["progress_time"], last)
             stalled = snap.time - st["progress_time"]

@@ -45,6 +45,7 @@ class StragglerScores:
     z_smooth: np.ndarray
     score: np.ndarray
     flagged: np.ndarray  # over the thresholds: counts towards firing
+    quorum: np.ndarray  # enough of the peer group answered for a verdict (else: no data)
     sustained: np.ndarray  # over half the thresholds: keeps an open episode open (hysteresis)
     cause: list[str]
 
@@ -124,6 +125,9 @@ class RankColumns:
     pp: np.ndarray  # -1 = unknown
     run_ids: np.ndarray
     run_names: list[str]
+    # ranks the snapshot lists (answering or not) in the rank's stage, and in its run
+    members_stage: np.ndarray
+    members_run: np.ndarray
 
 
 def extract(ranks: list[RankObs], cfg: DetectorConfig, window_s: float) -> RankColumns:
@@ -133,8 +137,11 @@ def extract(ranks: list[RankObs], cfg: DetectorConfig, window_s: float) -> RankC
     excluded = COMPUTE_EXCLUDED_SECTIONS
     obs, comp, dl, comm, rank, pp, rid = [], [], [], [], [], [], []
     runs: dict[str, int] = {}
+    listed: dict[tuple[str, int | None], int] = {}
     nan = float("nan")
     for o in ranks:
+        stage = (o.run, o.pp)
+        listed[stage] = listed.get(stage, 0) + 1
         rate = o.steps_rate
         if not o.up or rate is None or rate < min_rate:
             continue
@@ -161,8 +168,15 @@ def extract(ranks: list[RankObs], cfg: DetectorConfig, window_s: float) -> RankC
         if r is None:
             r = runs[o.run] = len(runs)
         rid.append(r)
+    names = list(runs)
+    listed_run: dict[str, int] = {}
+    for (run, _), count in listed.items():
+        listed_run[run] = listed_run.get(run, 0) + count
+    members_stage = np.asarray([listed[(names[r], None if p < 0 else p)] for r, p in zip(rid, pp, strict=True)], float)
+    members_run = np.asarray([listed_run[names[r]] for r in rid], float)
     return RankColumns(obs, np.asarray(comp, float), np.asarray(dl, float), np.asarray(comm, float),
-                       np.asarray(rank, np.int64), np.asarray(pp, np.int64), np.asarray(rid, np.int64), list(runs))
+                       np.asarray(rank, np.int64), np.asarray(pp, np.int64), np.asarray(rid, np.int64), names,
+                       members_stage, members_run)
 
 
 def _groups(cols: RankColumns, cfg: DetectorConfig, basis: RankTable | None) -> np.ndarray:
@@ -199,6 +213,12 @@ def score_ranks(ranks: list[RankObs], cfg: DetectorConfig, window_s: float,
     groups = _groups(cols, cfg, basis)
     busy = compute + dataloader
     size = grouped_count(groups, np.ones(n, bool)) if n else np.zeros(0)
+    # Quorum: a verdict needs at least min_answering_frac of the peer group answering with
+    # data. Groups by pp stage count the stage's listed ranks; clustered runs (no layout
+    # labels) judge the run as a whole, since the missing ranks' cluster is unknown.
+    by_stage = (cols.pp >= 0) & ~(groups % (2 * _CLUSTER_OFFSET) >= _CLUSTER_OFFSET)
+    answering = np.where(by_stage, size, grouped_count(run_ids, np.ones(n, bool)) if n else np.zeros(0))
+    quorum = answering >= cfg.min_answering_frac * np.where(by_stage, cols.members_stage, cols.members_run)
 
     med_c = grouped_median(compute, groups)
     med_d = grouped_median(dataloader, groups)
@@ -260,6 +280,7 @@ def score_ranks(ranks: list[RankObs], cfg: DetectorConfig, window_s: float,
         prev = np.zeros(n)
     sm = (1 - cfg.smooth_alpha) * prev + cfg.smooth_alpha * np.clip(rel_c, -cfg.smooth_clip, cfg.smooth_clip)
     sm[alone] = 0.0
+    sm = np.where(quorum, sm, prev)  # a window without quorum is no evidence either way
     med_s = grouped_median(sm, groups)
     mad_s = grouped_median(np.abs(sm - med_s), groups) * MAD_NORMAL
     z_s = (sm - med_s) / np.maximum(mad_s, cfg.mad_floor_rel)
@@ -270,22 +291,26 @@ def score_ranks(ranks: list[RankObs], cfg: DetectorConfig, window_s: float,
                           np.where(small, sm >= cfg.small_group_min_slowdown, flag_s))
     z_s[alone] = 0.0
     flag_s = flag_s & ~alone
-    flag_c = flag_c | flag_s
-    score = np.maximum(np.maximum(np.maximum(z_c, z_d), z_s), 0.0)
-    flagged = flag_c | flag_d
     # Hysteresis: an open episode stays open while the rank is over half of both thresholds
     # (the relative one judged against the threshold that applies to its group size).
     rel_thr = np.where(small & ~pooled_ok, cfg.small_group_min_slowdown, cfg.min_slowdown) if small.any() \
         else cfg.min_slowdown
-    sustained = ~alone & (((z_c >= cfg.z_threshold / 2) & (rel_c >= rel_thr / 2))
+    # The slow signal remembers past windows: it may carry a rank over the z threshold, but
+    # never one that is not at least the configured minimum slower than its peers right now.
+    flag_s = flag_s & (rel_c >= rel_thr)
+    flag_c = flag_c | flag_s
+    score = np.maximum(np.maximum(np.maximum(z_c, z_d), z_s), 0.0)
+    flagged = (flag_c | flag_d) & quorum
+    sustained = ~alone & quorum & (((z_c >= cfg.z_threshold / 2) & (rel_c >= rel_thr / 2))
                           | ((z_d >= cfg.z_threshold / 2) & (rel_d >= rel_thr / 2))
-                          # the slow signal lags: it holds an episode only while the rank is
-                          # still slower now, so a cured rank resolves as fast as on the raw path
-                          | ((z_s >= cfg.z_threshold / 2) & (sm >= rel_thr / 2) & (rel_c >= rel_thr / 2)))
+                          # the slow signal decays over many windows: it holds an episode only
+                          # while the current window is itself over the firing minimum, so that
+                          # a cured rank resolves after resolve_windows windows, not the decay
+                          | ((z_s >= cfg.z_threshold / 2) & (sm >= rel_thr / 2) & (rel_c >= rel_thr)))
     cause = np.where(flag_d & (~flag_c | (rel_d > rel_c)), "dataloader", "compute").tolist()
     return StragglerScores(
         obs=obs, cols=cols, compute=compute, dataloader=dataloader, comm=comm, group=groups, group_size=size,
         peer_compute=peer_c, peer_dataloader=peer_d, peer_comm=med_m, peer_busy=peer_b,
         z_compute=z_c, z_dataloader=z_d, rel_compute=rel_c, rel_dataloader=rel_d, smooth=sm, z_smooth=z_s,
-        score=score, flagged=np.asarray(flagged, bool), sustained=np.asarray(sustained, bool), cause=cause,
+        score=score, flagged=np.asarray(flagged, bool), quorum=np.asarray(quorum, bool), sustained=np.asarray(sustained, bool), cause=cause,
     )
