@@ -99,8 +99,9 @@ class _Tables:
         self.step = (times[1] - times[0]) if len(times) > 1 else 1.0
         self.results = results
 
-    def table(self, name: str, keyfn: Callable[[Labels], Hashable | None]) -> list[dict[Any, float]]:
-        out: list[dict[Any, float]] = [{} for _ in range(self.n)]
+    def _points(self, name: str, keyfn: Callable[[Labels], Hashable | None]
+                ) -> Iterator[tuple[int, Hashable, Labels, float]]:
+        """(time index, key, labels, value) of every point of query ``name`` inside the range."""
         t0, step, n = self.t0, self.step, self.n
         for labels, points in self.results.get(name, ()):
             k = keyfn(labels)
@@ -109,24 +110,23 @@ class _Tables:
             for pt, v in points:
                 i = int((pt - t0) / step + 0.5)
                 if 0 <= i < n:
-                    d = out[i]
-                    if k not in d or v > d[k]:
-                        d[k] = v
+                    yield i, k, labels, v
+
+    def table(self, name: str, keyfn: Callable[[Labels], Hashable | None]) -> list[dict[Any, float]]:
+        """Per time, key -> value; several series on one key (duplicates) keep the largest."""
+        out: list[dict[Any, float]] = [{} for _ in range(self.n)]
+        for i, k, _labels, v in self._points(name, keyfn):
+            d = out[i]
+            if k not in d or v > d[k]:
+                d[k] = v
         return out
 
     def labelled(self, name: str, keyfn: Callable[[Labels], Hashable | None]
                  ) -> list[dict[Any, list[tuple[Labels, float]]]]:
         """Per time, key -> (labels, value) of every series with a point then (info series)."""
         out: list[dict[Any, list[tuple[Labels, float]]]] = [{} for _ in range(self.n)]
-        t0, step, n = self.t0, self.step, self.n
-        for labels, points in self.results.get(name, ()):
-            k = keyfn(labels)
-            if k is None:
-                continue
-            for pt, v in points:
-                i = int((pt - t0) / step + 0.5)
-                if 0 <= i < n:
-                    out[i].setdefault(k, []).append((labels, v))
+        for i, k, labels, v in self._points(name, keyfn):
+            out[i].setdefault(k, []).append((labels, v))
         return out
 
 

@@ -217,13 +217,7 @@ class Probe:
             if sections:
                 with self._lock:
                     for name, sec in sections.items():
-                        s = self._sections.get(name)
-                        if s is None:
-                            s = self._new_section(name)
-                            if s is None:
-                                continue
-                        s[0] += sec
-                        s[1] += 1
+                        self._add_section_locked(name, sec)
             self._end_step(float(seconds), tokens, step, end_time)
         except Exception as exc:
             self._fail("record_step", exc)
@@ -348,15 +342,19 @@ class Probe:
                 self._cuda.stop(name, ev, seconds)  # type: ignore[union-attr]
                 return
             with self._lock:
-                s = self._sections.get(name)
-                if s is None:
-                    s = self._new_section(name)
-                    if s is None:
-                        return
-                s[0] += seconds
-                s[1] += 1
+                self._add_section_locked(name, seconds)
         except Exception as exc:
             self._fail("section", exc)
+
+    def _add_section_locked(self, name: str, seconds: float) -> None:
+        """One completed section into its totals; the caller holds ``self._lock``."""
+        s = self._sections.get(name)
+        if s is None:
+            s = self._new_section(name)
+            if s is None:  # over the section-name cap: counted as an error by _new_section
+                return
+        s[0] += seconds
+        s[1] += 1
 
     def _new_section(self, name: str) -> list[float] | None:
         # Called with the lock held.
