@@ -284,3 +284,32 @@ def test_expected_gpus_can_exceed_what_nvml_lists() -> None:
     assert s.node("rankwatch_gpu_answering") == 7
     assert s.value("rankwatch_gpu_up", 7) == 0
     assert s.health(7)["ALL"][0] == 20.0
+
+
+def test_health_history_bounded_under_rapid_scrapes() -> None:
+    # Scraped 20 times a second for longer than the health window: the growth rule still
+    # warns and clears on time, and the kept history does not grow with the scrape rate.
+    from rankwatch.exporters.gpu import _HISTORY_SLOTS
+
+    clock = ManualClock()
+    sim = SimulatedNVML("n", gpu_count=1, seed=1, clock=clock)
+    collector = GpuCollector(nvml=sim, listen_xid_events=False, health_window_s=30, clock=clock)
+
+    def scrape_for(seconds: float) -> None:
+        for _ in range(int(seconds * 20)):
+            clock.advance(0.05)
+            list(collector.collect())
+
+    try:
+        scrape_for(40)
+        sim.inject(0, "nvlink_errors", recovery=1.0)
+        scrape_for(5)
+        sim.clear(0, "nvlink_errors")
+        scrape_for(20)
+        assert Scrape(collector).health(0)["NVLINK"] == (10.0, "DCGM_FR_NVLINK_ERROR_THRESHOLD")
+        scrape_for(15)
+        assert Scrape(collector).health(0)["NVLINK"] == (0.0, "DCGM_FR_OK")
+        sizes = [len(h) for g in collector._gpus for h in g.history.values()]
+        assert sizes and max(sizes) <= _HISTORY_SLOTS + 2  # 600 scrapes fall in the window
+    finally:
+        collector.close()

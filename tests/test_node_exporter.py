@@ -268,3 +268,16 @@ def test_real_pynvml_without_a_gpu_serves_efa(subprocess_env: dict[str, str], tm
         code = proc.wait(timeout=20)
     assert code == 0, log.read_text()
     assert ("NVML unavailable" in log.read_text()) is not has_driver
+
+
+def test_renderer_label_cache_stays_bounded_and_correct() -> None:
+    # Label values that churn (e.g. a job id per run) overflow the cache: the text stays right
+    # and the cache never holds more than its bound.
+    from rankwatch.exporters.exposition import Renderer
+
+    renderer = Renderer(max_label_sets=10)
+    for job in range(25):
+        fam = GaugeMetricFamily("rw_test", "doc", labels=["job", "quote"])
+        fam.add_metric([f"j{job}", 'a"b'], float(job))
+        assert renderer.render([fam]).decode().splitlines()[-1] == f'rw_test{{job="j{job}",quote="a\\"b"}} {job}.0'
+        assert len(renderer._labels) <= 10

@@ -174,10 +174,13 @@ class NodesRole:
     def __init__(self, cfg: DemoConfig, timeline: Timeline, workdir: Path, members: range) -> None:
         from rankwatch.exporters.efa import EfaCollector
         from rankwatch.exporters.gpu import GpuCollector
-        from rankwatch.exporters.node import NodeExporter
+        from rankwatch.exporters.node import NodeExporter, raise_open_files_limit
         from rankwatch.sim.nvml import SimulatedNVML
         from rankwatch.sim.sysfs import FakeEfaSysfs
 
+        # Before the EFA collectors size their open-file budgets from the limit: with the
+        # default soft limit only about half of this worker's nodes would keep theirs open.
+        raise_open_files_limit()
         self.cfg = cfg
         self.job = build_job(cfg, timeline)
         self.nvml: dict[str, Any] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,36 +48,71 @@ def _header_name(family: Metric) -> str:
     return family.name
 
 
-# Label sets repeat from scrape to scrape (the same GPUs, devices and ports), so their
-# rendered text is kept; bounded so that churning label values cannot grow it forever.
-_LABEL_CACHE: dict[tuple[tuple[str, str], ...], str] = {}
-_LABEL_CACHE_MAX = 50_000
+# Go's spelling of the values that repr() writes without a dot.
+_SPECIAL = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
 
 
-def _labels_text(labels: dict[str, str]) -> str:
-    key = tuple(labels.items())
-    text = _LABEL_CACHE.get(key)
-    if text is None:
-        if len(_LABEL_CACHE) >= _LABEL_CACHE_MAX:
-            _LABEL_CACHE.clear()
-        text = ",".join(f'{k}="{_escape_value(str(v))}"' for k, v in key)
-        _LABEL_CACHE[key] = text
-    return text
+def _value_text(value: float) -> str:
+    # prometheus_client's floatToGoString, inlined: most of a scrape's samples go through
+    # here, and its three comparisons before repr() cost more than repr() itself.
+    d = float(value)
+    s = repr(d)
+    dot = s.find(".")
+    if dot > 6 and d > 0:
+        # Go switches to exponents sooner than Python.
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    if dot < 0:
+        return _SPECIAL.get(s, s)
+    return s
+
+
+class Renderer:
+    """Renders families, keeping the text of each label set between scrapes.
+
+    Label sets repeat from scrape to scrape (the same GPUs, devices and ports), so their
+    rendered text is kept, per renderer: one per exporter, so that many exporters in one
+    process (the demo runs 16 simulated nodes per worker) do not evict each other. Bounded,
+    so that churning label values cannot grow it forever.
+    """
+
+    def __init__(self, max_label_sets: int = 50_000) -> None:
+        self._labels: dict[tuple[tuple[str, str], ...], str] = {}
+        self._max = max_label_sets
+
+    def _labels_text(self, labels: dict[str, str]) -> str:
+        key = tuple(labels.items())
+        text = self._labels.get(key)
+        if text is None:
+            if len(self._labels) >= self._max:
+                self._labels.clear()
+            text = ",".join(f'{k}="{_escape_value(str(v))}"' for k, v in key)
+            self._labels[key] = text
+        return text
+
+    def render(self, families: Iterable[Metric]) -> bytes:
+        """Render metric families as Prometheus text format 0.0.4."""
+        out: list[str] = []
+        append = out.append
+        labels_text = self._labels_text
+        for family in families:
+            name = _header_name(family)
+            append(f"# HELP {name} {_escape_help(family.documentation)}\n"
+                   f"# TYPE {name} {_TYPE_WORD.get(family.type, 'untyped')}\n")
+            for sample in family.samples:
+                value = _value_text(sample.value)
+                if sample.timestamp is not None:
+                    value = f"{value} {int(float(sample.timestamp) * 1000):d}"
+                if sample.labels:
+                    append(f"{sample.name}{{{labels_text(sample.labels)}}} {value}\n")
+                else:
+                    append(f"{sample.name} {value}\n")
+        return "".join(out).encode("utf-8")
+
+
+_DEFAULT = Renderer()
 
 
 def render(families: Iterable[Metric]) -> bytes:
-    """Render metric families as Prometheus text format 0.0.4."""
-    out: list[str] = []
-    for family in families:
-        name = _header_name(family)
-        out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
-        out.append(f"# TYPE {name} {_TYPE_WORD.get(family.type, 'untyped')}\n")
-        for sample in family.samples:
-            if sample.labels:
-                line = f"{sample.name}{{{_labels_text(sample.labels)}}} {floatToGoString(sample.value)}"
-            else:
-                line = f"{sample.name} {floatToGoString(sample.value)}"
-            if sample.timestamp is not None:
-                line += f" {int(float(sample.timestamp) * 1000):d}"
-            out.append(line + "\n")
-    return "".join(out).encode("utf-8")
+    """Render metric families as Prometheus text format 0.0.4 (with a process-wide cache)."""
+    return _DEFAULT.render(families)

@@ -37,6 +37,8 @@ _GROWTH_RULES = (
     ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "NVLINK", "DCGM_FR_NVLINK_ERROR_THRESHOLD", 0),
     ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "PCIE", "DCGM_FR_PCI_REPLAY_RATE", 40),
 )
+# Samples kept per health window and counter (one per second at the default 300 s).
+_HISTORY_SLOTS = 300
 _JOB_FILE = re.compile(r"^(\d+)(\.\d+)?$")
 
 # nvmlDeviceGetFieldValues ids → metric name. One batched call per GPU, each field's
@@ -513,7 +515,13 @@ class GpuCollector:
         hist = g.history.setdefault(name, deque())
         if hist and value < hist[-1][1]:
             hist.clear()  # counter reset (driver reload)
-        hist.append((now, value))
+        if len(hist) >= 2 and now - hist[-2][0] < self._health_window_s / _HISTORY_SLOTS:
+            # Thinned to about one sample per window/_HISTORY_SLOTS seconds so that the
+            # history's size does not follow the scrape rate; the counters only grow, so
+            # replacing the newest sample loses no growth.
+            hist[-1] = (now, value)
+        else:
+            hist.append((now, value))
         while len(hist) > 2 and hist[1][0] <= now - self._health_window_s:
             hist.popleft()
         return value - hist[0][1]

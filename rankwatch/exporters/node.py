@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from rankwatch import __version__
 from rankwatch.errors import ConfigError, RankwatchError
 from rankwatch.exporters.base import Collector
-from rankwatch.exporters.exposition import CONTENT_TYPE, render
+from rankwatch.exporters.exposition import CONTENT_TYPE, Renderer
 from rankwatch.exporters.selfmetrics import CollectorRunner, exporter_families, process_families
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class NodeExporter:
         self.runner = CollectorRunner(collectors, timeout=collector_timeout)
         self._before_collect = before_collect
         self._process_metrics = process_metrics
+        self._renderer = Renderer()
         self._cond = threading.Condition()
         self._running = False
         self._generation = 0
@@ -97,7 +98,7 @@ class NodeExporter:
                 result = None
         if result is None:
             try:
-                result = render(self.collect())
+                result = self._renderer.render(self.collect())
             except BaseException as exc:  # delivered to every waiting scrape, then raised
                 result = exc
             with self._cond:
@@ -334,7 +335,8 @@ def build_collectors(args: argparse.Namespace, hostname: str) -> list[Collector]
     return collectors
 
 
-def _raise_open_files_limit() -> None:
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit (best effort)."""
     # As Go programs (node_exporter) do at start: the EFA collector keeps its counter files
     # open between scrapes, within a budget derived from this limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -348,7 +350,7 @@ def _raise_open_files_limit() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     _check_args(args)
-    _raise_open_files_limit()
+    raise_open_files_limit()
     host, port = parse_listen_address(args.listen)
     hostname = args.hostname or default_hostname()
     node = None
