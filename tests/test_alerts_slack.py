@@ -303,3 +303,17 @@ def test_rendered_blocks_pass_slack_sdk_validation() -> None:
     assert len(msg.blocks) <= 50
     for b in Block.parse_all(msg.blocks):
         b.validate_json()  # raises SlackObjectFormationError beyond Slack's limits
+
+
+def test_a_throttling_gpu_and_the_straggler_it_causes_are_named_as_one_rank(tmp_path: Path, slack: SlackServer) -> None:
+    """The detector reports a thermally throttling GPU (gpu_fault, with the rank running on it)
+    and that rank as a straggler: one message whose headline names the rank, not '2 ranks'."""
+    clock = FakeClock()
+    sink = make_sink(tmp_path, slack, clock=clock, notify={"group_wait_s": 30, "group_window_s": 300})
+    sink.publish([ev(29, kind="gpu_fault", episode="gpu/node-003/5", t=T0),
+                  ev(29, t=T0 + 15)])
+    clock.now += 31
+    assert sink.deliver_due() == 1
+    (msg,) = slack.top_level_messages()
+    assert "Failing GPU + Straggler: rank 29 on node-003 (GPU 5)" in header(msg)
+    sink.close()

@@ -193,13 +193,24 @@ class Rendered:
 
 
 def headline(view: IncidentView) -> str:
-    """'Straggler: rank 37 on p5-012 (GPU 3)' or 'Degraded network: 40 ranks on 3 nodes'."""
-    kinds = {e.firing.kind for e in view.episodes}
-    label = kind_label(next(iter(kinds))) if len(kinds) == 1 else "Multiple problems"
+    """'Straggler: rank 37 on p5-012 (GPU 3)', 'Failing GPU + Straggler: rank 29 on node-03 (GPU 5)'
+    or 'Degraded network: 40 ranks on 3 nodes'."""
+    kinds = sorted({e.firing.kind for e in view.episodes})
+    if len(kinds) == 1:
+        label = kind_label(kinds[0])
+    elif len(kinds) == 2:
+        label = " + ".join(kind_label(k) for k in kinds)
+    else:
+        label = "Multiple problems"
     if len(view.episodes) == 1:
         return f"{label}: {short_where(view.episodes[0].firing)}"
-    ranks = [e.firing.rank for e in view.episodes if e.firing.rank is not None]
+    ranks = sorted({e.firing.rank for e in view.episodes if e.firing.rank is not None})
     nodes = sorted({e.firing.node for e in view.episodes if e.firing.node})
+    if len(ranks) == 1 and len(nodes) <= 1:
+        # One rank seen from several sides (a throttling GPU and the straggler it causes): name it.
+        named = [e.firing for e in view.episodes if e.firing.rank == ranks[0]]
+        best = view.culprit.firing if view.culprit.firing.rank == ranks[0] else named[0]
+        return f"{label}: {short_where(best)}"
     what = f"{len(ranks)} ranks" if ranks else f"{len(view.episodes)} problems"
     if nodes:
         what += f" on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
