@@ -23,7 +23,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from rankwatch.detectors.model import GpuObs, NicObs, NodeObs, RankObs, Snapshot
+from rankwatch.exporters.dcgm_fields import FIELD_BY_NAME, HEALTH_STATUS
 from rankwatch.sim.training import QUIET, Fault, Layout, Noise, TrainingJob
+
+_DCGM_HELP = {f.name: f.help for f in (*FIELD_BY_NAME.values(), HEALTH_STATUS)}
 
 EFA_COUNTERS = (
     "tx_bytes", "rx_bytes", "tx_pkts", "rx_pkts", "retrans_pkts", "retrans_bytes", "retrans_timeout_events",
@@ -405,21 +408,23 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
                             "DCGM_FI_DRIVER_VERSION": DRIVER, **node_lbl[ni]})
     gl = [_labels(lb) for lb in gpu_lbl]
     gd = tel.gpu
-    for name, key, typ, help_ in (
-        ("DCGM_FI_DEV_SM_CLOCK", "sm_clock", "gauge", "SM clock frequency (in MHz)."),
-        ("DCGM_FI_DEV_GPU_TEMP", "temp", "gauge", "GPU temperature (in C)."),
-        ("DCGM_FI_DEV_POWER_USAGE", "power", "gauge", "Power draw (in W)."),
-        ("DCGM_FI_DEV_GPU_UTIL", "util", "gauge", "GPU utilization (in %)."),
-        ("DCGM_FI_DEV_XID_ERRORS", "last_xid", "gauge", "Value of the last XID error encountered."),
-        ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "dbe", "gauge", "Total number of double-bit volatile ECC errors."),
-        ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "remap_failure", "gauge", "Whether remapping of rows has failed"),
-        ("DCGM_FI_DEV_ROW_REMAP_PENDING", "remap_pending", "gauge", "Whether remapping of rows is pending"),
-        ("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "reasons", "gauge", "Current clock event reasons."),
-        ("DCGM_FI_DEV_THERMAL_VIOLATION", "thermal_violation", "gauge", "Throttling duration due to thermal constraints (in us)."),
-        ("DCGM_FI_DEV_POWER_VIOLATION", "power_violation", "gauge", "Throttling duration due to power constraints (in us)."),
-        ("DCGM_EXP_GPU_HEALTH_STATUS", "health", "gauge", "GPU health: 0 pass, 10 warn, 20 fail."),
+    # HELP from the GPU collector's own table. Counters are written as gauges: OpenMetrics (what
+    # promtool backfills) would require a `_total` suffix that dcgm-exporter's names lack.
+    for name, key in (
+        ("DCGM_FI_DEV_SM_CLOCK", "sm_clock"),
+        ("DCGM_FI_DEV_GPU_TEMP", "temp"),
+        ("DCGM_FI_DEV_POWER_USAGE", "power"),
+        ("DCGM_FI_DEV_GPU_UTIL", "util"),
+        ("DCGM_FI_DEV_XID_ERRORS", "last_xid"),
+        ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "dbe"),
+        ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "remap_failure"),
+        ("DCGM_FI_DEV_ROW_REMAP_PENDING", "remap_pending"),
+        ("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "reasons"),
+        ("DCGM_FI_DEV_THERMAL_VIOLATION", "thermal_violation"),
+        ("DCGM_FI_DEV_POWER_VIOLATION", "power_violation"),
+        ("DCGM_EXP_GPU_HEALTH_STATUS", "health"),
     ):
-        family(name, typ, help_, [(gl[c], gd[key][:, c]) for c in range(len(gl))], mask=present)
+        family(name, "gauge", _DCGM_HELP[name], [(gl[c], gd[key][:, c]) for c in range(len(gl))], mask=present)
     xid_rows, xid_mask = [], []
     for x, arr in sorted(tel.xid_counts.items()):
         for c in range(len(gl)):
