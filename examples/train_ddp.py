@@ -41,7 +41,10 @@ import rankwatch
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="steps to run (0: until --stop-file appears)")
+    ap.add_argument("--stop-file", default=None,
+                    help="stop at the next check after this file appears (all ranks stop at the same step)")
+    ap.add_argument("--check-every", type=int, default=10, help="steps between checks of --stop-file")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32, help="sequence length (tokens per sample)")
     ap.add_argument("--width", type=int, default=128)
@@ -102,8 +105,19 @@ def allreduce_gradients(params: list[nn.Parameter], world: int) -> None:
         offset += n
 
 
+def should_stop(stop_file: str | None, rank: int) -> bool:
+    """Rank 0 looks for the stop file; an all-reduce makes every rank agree on the same step."""
+    if stop_file is None:
+        return False
+    flag = torch.tensor([1 if rank == 0 and os.path.exists(stop_file) else 0])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.steps <= 0 and not args.stop_file:
+        sys.exit("--steps 0 needs --stop-file: the job would never end")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -131,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.barrier()  # start the timed loop together: rendezvous skew is not a step
     with probe:
-        for step in range(1, args.steps + 1):
+        step = 0
+        while args.steps <= 0 or step < args.steps:
+            step += 1
             with probe.step(tokens=tokens, step=step):
                 with probe.section("dataloader"):
                     x = torch.randn(args.batch, args.seq, args.width, generator=gen)
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     slow.after(t0)
             if rank == 0 and step % args.log_every == 0:
                 print(f"step {step} loss {loss.item():.4f}", flush=True)
+            if step % args.check_every == 0 and should_stop(args.stop_file, rank):
+                break
         t = probe.totals()
         compute = sum(t.sections.get(s, (0.0, 0))[0] for s in ("forward", "backward", "optimizer"))
         print(f"rank {rank}: step {t.step_seconds / t.steps * 1e3:.1f} ms, compute {compute / t.steps * 1e3:.1f} ms, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 RUN = "e2e-ddp"
 RANKS = 4
 SLOW_RANK = 2
+MIN_STEPS = 20  # warm-up steps left out of the comparison
+MIN_SCRAPES = 12  # scrapes of the steady state before the job is stopped
 
 
 def free_port_block(n: int) -> int:
@@ -55,6 +58,10 @@ def per_step(sections: str, window: int) -> str:
             f'/ sum by (rank) (rate(rankwatch_steps_total{{{sel}}}[{window}s]))')
 
 
+def scraped(url: str, promql: str) -> dict[str, float]:
+    return {r["metric"]["rank"]: float(r["value"][1]) for r in promserver.query(url, promql)}
+
+
 def test_prometheus_names_the_slowed_rank(tmp_path: Path, prometheus_factory, subprocess_env) -> None:
     base = free_port_block(RANKS)
     targets = [f"127.0.0.1:{base + i}" for i in range(RANKS)]
@@ -63,41 +70,44 @@ def test_prometheus_names_the_slowed_rank(tmp_path: Path, prometheus_factory, su
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_DIR": str(tmp_path),
                 "WANDB_SILENT": "true", "WANDB_MODE": "offline"})
     log_path = tmp_path / "torchrun.log"
+    stop_file = tmp_path / "stop"
+    # The job runs until Prometheus holds enough of it (not for a fixed number of steps, which an
+    # idle machine finishes before a handful of scrapes).
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}",
            "--master_addr=127.0.0.1", f"--master_port={promserver.free_port()}",
            str(REPO / "examples" / "train_ddp.py"), "--run-id", RUN, "--slow-rank", str(SLOW_RANK),
-           "--slow-factor", "1.3", "--steps", "100", "--probe-port-base", str(base), "--linger", "3",
-           "--wandb-mode", "offline", "--wandb-gather", "--wandb-every", "50", "--log-every", "100"]
+           "--slow-factor", "1.3", "--steps", "0", "--stop-file", str(stop_file),
+           "--probe-port-base", str(base), "--wandb-mode", "offline", "--wandb-gather",
+           "--wandb-every", "100", "--log-every", "100"]
     with open(log_path, "wb") as log:
         job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    sel = f'run="{RUN}"'
     try:
-        # Every rank finished its steps and Prometheus scraped the final counters (ranks linger;
-        # *_over_time still sees them once the targets are gone and their series marked stale).
-        finished = f'max_over_time(rankwatch_steps_total{{run="{RUN}"}}[10m]) >= 100'
-        deadline = time.monotonic() + 150
-        while len(promserver.query(prom.url, finished)) < RANKS:
-            ended = job.poll() is not None
-            if ended and len(promserver.query(prom.url, finished)) < RANKS:
-                raise AssertionError(f"job exited ({job.returncode}) before Prometheus saw all steps:\n"
-                                     + log_path.read_text()[-3000:])
+        # Enough data: every rank scraped at least MIN_SCRAPES times after its first MIN_STEPS
+        # steps (the steady state), and past step 200 so that W&B logged the spread of a steady-state interval.
+        enough = (f'count_over_time((rankwatch_steps_total{{{sel}}} >= {MIN_STEPS})[10m:1s]) >= {MIN_SCRAPES} '
+                  f'and rankwatch_steps_total{{{sel}}} >= 200')
+        deadline = time.monotonic() + 240  # a hung job, not a slow machine: the test waits on data
+        while len(promserver.query(prom.url, enough)) < RANKS:
+            if job.poll() is not None:
+                raise AssertionError(f"job exited ({job.returncode}) early:\n" + log_path.read_text()[-3000:])
             if time.monotonic() > deadline:
-                raise AssertionError("the job did not finish in time:\n" + log_path.read_text()[-3000:])
+                raise AssertionError("Prometheus never held enough steps:\n" + log_path.read_text()[-3000:])
             time.sleep(0.5)
 
-        # Evaluate at the last step, over the steady state (not the first steps).
-        last = max(float(r["value"][1]) for r in promserver.query(
-            prom.url, f'max_over_time(rankwatch_last_step_timestamp_seconds{{run="{RUN}"}}[10m])'))
-        first = min(float(r["value"][1]) for r in promserver.query(
-            prom.url, f'min_over_time(rankwatch_last_step_timestamp_seconds{{run="{RUN}"}}[10m])'))
-        window = int(0.7 * (last - first))
-        assert window >= 4, f"the job ran only {last - first:.1f}s under Prometheus"
+        # Evaluate at the newest scrape, over the scrapes after the first MIN_STEPS steps.
+        newest = max(scraped(prom.url, f'timestamp(rankwatch_steps_total{{{sel}}})').values())
+        first = max(scraped(prom.url, f'min_over_time((rankwatch_last_step_timestamp_seconds{{{sel}}}'
+                                      f' and rankwatch_steps_total{{{sel}}} >= {MIN_STEPS})[10m:1s])').values())
+        window = int(newest - first)
+        assert window >= MIN_SCRAPES - 2, f"only {newest - first:.1f}s of steady state under Prometheus"
 
-        compute = by_rank(prom.url, per_step("forward|backward|optimizer", window), last)
-        comm = by_rank(prom.url, per_step("comm", window), last)
-        step = by_rank(prom.url, f'sum by (rank) (rate(rankwatch_step_seconds_total{{run="{RUN}"}}[{window}s])) '
-                                 f'/ sum by (rank) (rate(rankwatch_steps_total{{run="{RUN}"}}[{window}s]))', last)
-        summary = f"compute={compute} comm={comm} step={step}"
+        compute = by_rank(prom.url, per_step("forward|backward|optimizer", window), newest)
+        comm = by_rank(prom.url, per_step("comm", window), newest)
+        step = by_rank(prom.url, f'sum by (rank) (rate(rankwatch_step_seconds_total{{{sel}}}[{window}s])) '
+                                 f'/ sum by (rank) (rate(rankwatch_steps_total{{{sel}}}[{window}s]))', newest)
+        summary = f"window={window}s compute={compute} comm={comm} step={step}"
         assert set(compute) == set(comm) == set(step) == {str(r) for r in range(RANKS)}, summary
         assert max(compute, key=compute.get) == str(SLOW_RANK), summary
         assert min(comm, key=comm.get) == str(SLOW_RANK), summary
@@ -105,11 +115,12 @@ def test_prometheus_names_the_slowed_rank(tmp_path: Path, prometheus_factory, su
         assert compute[str(SLOW_RANK)] > 1.1 * others[len(others) // 2], summary
         assert max(step.values()) / min(step.values()) < 1.05, summary
 
-        info = promserver.query(prom.url, f'rankwatch_rank_info{{run="{RUN}"}}', time_s=last)
+        info = promserver.query(prom.url, f'rankwatch_rank_info{{{sel}}}', time_s=newest)
         assert sorted((i["metric"]["rank"], i["metric"]["world_size"]) for i in info) == [
             (str(r), "4") for r in range(RANKS)]
 
-        assert job.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        stop_file.touch()
+        assert job.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGTERM)
@@ -120,15 +131,18 @@ def test_prometheus_names_the_slowed_rank(tmp_path: Path, prometheus_factory, su
                 job.wait()
 
     # Rank 0's W&B run: the gathered spread names rank 2, and the completion alert was sent.
-    # (One 50-step interval on a loaded 2-core machine: forward and comm, the sections with the
-    # widest margin, are asserted; the PromQL checks above cover compute as a whole.)
     from test_probe_wandb import alerts, history_rows, run_log
 
     records = run_log(tmp_path)
     spread = [r for r in history_rows(records) if "rankwatch/spread/forward/max_rank" in r]
     assert spread, "no cross-rank spread logged"
     last_row = spread[-1]
-    assert last_row["rankwatch/spread/forward/max_rank"] == SLOW_RANK, json.dumps(last_row)
+    # One 100-step interval of 4 ranks sharing 2 cores: a single compute section can be won by a
+    # rank that was descheduled; most of them, and the comm wait, name the slowed rank.
+    slowest = [last_row[f"rankwatch/spread/{s}/max_rank"] for s in ("forward", "backward", "optimizer")]
+    assert slowest.count(SLOW_RANK) >= 2, json.dumps(last_row)
     assert last_row["rankwatch/spread/comm/min_rank"] == SLOW_RANK, json.dumps(last_row)
     (alert,) = alerts(records)
-    assert alert.title == f"Training run {RUN} completed" and "100 steps completed" in alert.text
+    completed = re.search(r"(\d+) steps completed", alert.text)
+    assert alert.title == f"Training run {RUN} completed" and completed, alert.text
+    assert int(completed.group(1)) >= 200, alert.text

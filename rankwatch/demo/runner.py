@@ -177,7 +177,8 @@ class Demo:
         cfg.validate()
         self.cfg = cfg
         self.timeline: Timeline = build_timeline(cfg)
-        self.report_dir = report_dir
+        # Absolute before anything starts: children run with cwd set to the demo's work directory.
+        self.report_dir = report_dir.resolve()
         self.console = console or Console(highlight=False)
         self.live = self.console.is_terminal if live is None else live
         self.on_event = on_event
