@@ -96,7 +96,11 @@ def duration_seconds(text: str) -> float:
 
 
 class _LiteralDumper(yaml.SafeDumper):
-    """Multi-line strings (PromQL, templates) as `|` blocks, so payloads read like the source."""
+    """Multi-line strings (PromQL, templates) as `|` blocks, so payloads read like the source;
+    no anchors/aliases, so each object reads on its own."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
