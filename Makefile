@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv test lint demo dashboards bench clean
+.PHONY: all setup system-deps venv test lint demo dashboards docs bench clean
 
 all: test
 
@@ -51,8 +51,11 @@ demo: setup
 dashboards: venv
 	$(PY) -m rankwatch dashboards generate --out dashboards --kubernetes-out deploy/kubernetes/base/generated
 
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
 bench: setup
 	@echo "see BENCHMARKS.md for each benchmark's command"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report site
