@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "Kubernetes manifests derived from them")
     gen.add_argument("--out", default="dashboards", help="directory for the dashboard JSON files (default: dashboards)")
     gen.add_argument("--kubernetes-out", metavar="DIR",
-                     help="also write the dashboard ConfigMaps and the PrometheusRule (from --alerts) here")
+                     help="also write the dashboard ConfigMaps, the PrometheusRule and the Grafana alert rules "
+                     "ConfigMap (both from --alerts) here (default: none)")
     gen.add_argument("--alerts", default="alerts", help="rule files for the PrometheusRule (default: alerts)")
     gen.add_argument("--grafana-datasource-uid", default="prometheus", metavar="UID",
                      help="uid of the Prometheus datasource the Grafana alert rules (OUT/alerting/) query "

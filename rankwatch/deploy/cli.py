@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "workspace; identical ones are left alone. AWS credentials come from the default chain "
         "(environment, AWS_PROFILE, SSO, instance or pod role).")
     amp.add_argument("--workspace-id", metavar="ID",
-                     help="AMP workspace id, e.g. ws-0123abcd-... (required unless --dry-run)")
+                     help="AMP workspace id, e.g. ws-0123abcd-... (default: none; required unless --dry-run)")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     amp.add_argument("--region", default=region, metavar="R",
                      help=f"AWS region of the workspace (default: $AWS_REGION or $AWS_DEFAULT_REGION: {region or 'unset'})")
