@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.dashboards.cli",
     "rankwatch.deploy.cli",
     "rankwatch.sim.cli",
+    "rankwatch.gpucheck.cli",
     "rankwatch.demo",
 )
 
