@@ -29,6 +29,19 @@ class AlertRule:
     source: str = ""  # "file:group#index", for error messages
 
 
+def read_yaml(path: Path) -> Any:
+    """``path`` parsed as YAML; unreadable or invalid YAML is an :class:`InputError` naming the
+    file (and the line)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
 def load_groups(files: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
     """Every rule group of ``files``, with the file it came from, in file order.
 
@@ -37,14 +50,7 @@ def load_groups(files: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
     out: list[tuple[Path, dict[str, Any]]] = []
     seen: dict[str, Path] = {}
     for path in files:
-        try:
-            doc = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise InputError(f"cannot read rule file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise InputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        doc = read_yaml(path)
         if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
             raise InputError(f"{path}: not a Prometheus rule file (no top-level `groups` list)")
         for i, group in enumerate(doc["groups"]):

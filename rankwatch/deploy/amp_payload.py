@@ -18,10 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rankwatch.errors import InputError
-from rankwatch.rulefiles import dump_yaml, duration_seconds, load_groups
+from rankwatch.rulefiles import dump_yaml, duration_seconds, load_groups, read_yaml
 
 # AMP caps repeat_interval at 5 days (its Alertmanager's limit).
 MAX_REPEAT_INTERVAL_S = 5 * 86400
@@ -181,14 +179,7 @@ def alertmanager_definition(source_path: Path, default_topic: str, *,
                             message_format: str = "chatbot") -> str:
     """The alert manager definition data for AMP, or an :class:`InputError` listing every
     problem AMP would refuse (file and field named)."""
-    try:
-        source = yaml.safe_load(Path(source_path).read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read {source_path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source_path}:{mark.line + 1}" if mark else str(source_path)
-        raise InputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    source = read_yaml(source_path)
     if not isinstance(source, dict) or not source.get("receivers"):
         raise InputError(f"{source_path}: not an Alertmanager config (no receivers)")
     cfg = alertmanager_config(source, default_topic, receiver_topics=receiver_topics,

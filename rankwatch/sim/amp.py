@@ -13,10 +13,11 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import yaml
+
+from rankwatch.sim.local_api import LocalJsonApi
 
 AUTH = re.compile(r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/\d{8}/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,")
 
@@ -27,36 +28,20 @@ class AmpError(Exception):
         self.status, self.code, self.body = status, code, {"message": message, **extra}
 
 
-class FakeAMP:
+class FakeAMP(LocalJsonApi):
     """``with FakeAMP(region="us-west-2", access_key="AKID", workspaces=["ws-1"]) as amp: amp.url``"""
 
     def __init__(self, *, region: str, access_key: str, workspaces: list[str]) -> None:
+        super().__init__()
         self.region = region
         self.access_key = access_key
         self.workspaces = set(workspaces)
         self.namespaces: dict[tuple[str, str], dict[str, Any]] = {}
         self.definitions: dict[str, dict[str, Any]] = {}
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.throttle_next = 0  # answer this many requests with 429 ThrottlingException
         self.fail_next_change: str | None = None  # the next change settles as *_FAILED, this reason
         self.settle_after = 1  # describes of a changing resource before it settles
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeAMP:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
     def changes(self) -> list[tuple[str, str, int]]:
         """The requests that created or replaced something."""
@@ -181,54 +166,24 @@ class FakeAMP:
                 return 202, {"status": self._status(res)}
         raise AmpError(404, "UnknownOperationException", f"no route for {method} {path}")
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                headers: dict[str, str] = {}
+    def respond(self, method: str, path: str, headers: dict[str, str],
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        try:
+            auth = AUTH.match(headers.get("Authorization") or "")
+            if not auth or auth["key"] != self.access_key or auth["service"] != "aps":
+                raise AmpError(403, "UnrecognizedClientException", "The security token included in the request is invalid.")
+            if auth["region"] != self.region:
+                raise AmpError(403, "InvalidSignatureException",
+                               f"Credential should be scoped to a valid region, not '{auth['region']}'.")
+            with self._lock:
+                if self.throttle_next > 0:
+                    self.throttle_next -= 1
+                    raise AmpError(429, "ThrottlingException", "Rate exceeded")
                 try:
-                    auth = AUTH.match(self.headers.get("Authorization") or "")
-                    if not auth or auth["key"] != fake.access_key or auth["service"] != "aps":
-                        raise AmpError(403, "UnrecognizedClientException",
-                                       "The security token included in the request is invalid.")
-                    if auth["region"] != fake.region:
-                        raise AmpError(403, "InvalidSignatureException",
-                                       f"Credential should be scoped to a valid region, not '{auth['region']}'.")
-                    with fake._lock:
-                        if fake.throttle_next > 0:
-                            fake.throttle_next -= 1
-                            raise AmpError(429, "ThrottlingException", "Rate exceeded")
-                        try:
-                            body = json.loads(raw) if raw else {}
-                        except ValueError:
-                            raise AmpError(400, "SerializationException", "body is not JSON") from None
-                        status, payload = fake.handle(method, self.path, body)
-                except AmpError as exc:
-                    status, payload = exc.status, exc.body
-                    headers["x-amzn-ErrorType"] = exc.code
-                fake.requests.append((method, self.path.split("?")[0], status))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                self._serve("GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._serve("POST")
-
-            def do_PUT(self) -> None:  # noqa: N802
-                self._serve("PUT")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
+                    body = json.loads(raw) if raw else {}
+                except ValueError:
+                    raise AmpError(400, "SerializationException", "body is not JSON") from None
+                status, payload = self.handle(method, path, body)
+                return status, payload, {}
+        except AmpError as exc:
+            return exc.status, exc.body, {"x-amzn-ErrorType": exc.code}

@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+from rankwatch.sim.local_api import LocalJsonApi
 
-class FakeGrafana:
+
+class FakeGrafana(LocalJsonApi):
     """``with FakeGrafana(token="t") as g: g.url`` — serves on 127.0.0.1, a free port."""
 
     def __init__(self, token: str, datasources: list[dict[str, Any]] | None = None) -> None:
+        super().__init__()
         self.token = token
         self.datasources = datasources if datasources is not None else [
             {"id": 1, "uid": "prometheus", "name": "Prometheus", "type": "prometheus", "isDefault": True}]
@@ -31,25 +33,8 @@ class FakeGrafana:
         self.request_headers: dict[str, str] = {}  # headers of the request being handled
         self.folders: dict[str, dict[str, Any]] = {}
         self.dashboards: dict[str, dict[str, Any]] = {}  # uid → {"dashboard", "folderUid", "version"}
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status): no headers, no token
         self._lock = threading.Lock()
         self._ids = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeGrafana:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
     def edit_in_ui(self, uid: str) -> None:
         """What a user saving the dashboard in the Grafana UI does: a new version."""
@@ -105,7 +90,7 @@ class FakeGrafana:
         folder_uid, title = key
         if folder_uid not in self.folders:
             return 404, {"message": "folder not found"}
-        provenance = "" if "X-Disable-Provenance" in self.request_headers else "api"
+        provenance = "" if any(k.lower() == "x-disable-provenance" for k in self.request_headers) else "api"
         known = {d["uid"] for d in self.datasources} | {"__expr__"}
         rules = body.get("rules") or []
         others = {r["title"] for k, g in self.rule_groups.items() if k[0] == folder_uid and k != key for r in g["rules"]}
@@ -173,44 +158,14 @@ class FakeGrafana:
         return 200, {"id": dash_id, "uid": uid, "url": f"/d/{uid}/{dash['title'].lower().replace(' ', '-')}",
                      "status": "success", "version": version, "slug": dash["title"].lower().replace(" ", "-")}
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                if self.headers.get("Authorization") != f"Bearer {fake.token}":
-                    status, payload = 401, {"message": "Invalid API key", "messageId": "api-key.invalid",
-                                            "statusCode": 401}
-                else:
-                    try:
-                        body = json.loads(raw) if raw else {}
-                    except ValueError:
-                        body = None
-                    if body is None:
-                        status, payload = 400, {"message": "bad request data"}
-                    else:
-                        fake.request_headers = dict(self.headers)
-                        status, payload = fake.handle(method, self.path, body)
-                fake.requests.append((method, self.path, status))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                self._serve("GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._serve("POST")
-
-            def do_PUT(self) -> None:  # noqa: N802
-                self._serve("PUT")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
+    def respond(self, method: str, path: str, headers: dict[str, str],
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            return 401, {"message": "Invalid API key", "messageId": "api-key.invalid", "statusCode": 401}, {}
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            return 400, {"message": "bad request data"}, {}
+        self.request_headers = headers
+        status, payload = self.handle(method, path, body)
+        return status, payload, {}
