@@ -26,6 +26,7 @@ class AlertRule:
     annotations: dict[str, str] = field(default_factory=dict)
     group: str = ""
     interval: str = ""  # the group's evaluation interval, "" for the server's default
+    keep_firing_for: str = ""
     source: str = ""  # "file:group#index", for error messages
 
 
@@ -77,7 +78,8 @@ def alert_rules(files: Iterable[Path]) -> list[AlertRule]:
                 name=str(rule["alert"]), expr=rule["expr"], for_=str(rule.get("for") or ""),
                 labels={str(k): str(v) for k, v in (rule.get("labels") or {}).items()},
                 annotations={str(k): str(v) for k, v in (rule.get("annotations") or {}).items()},
-                group=str(group["name"]), interval=str(group.get("interval") or ""), source=where))
+                group=str(group["name"]), interval=str(group.get("interval") or ""), source=where,
+                keep_firing_for=str(rule.get("keep_firing_for") or "")))
     return out
 
 

@@ -25,7 +25,8 @@ from rankwatch.rulefiles import duration_seconds
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "arn:aws:sns:us-west-2:123456789012:rankwatch-alerts"
 
-Alert = tuple[str, str, str, float, tuple, tuple]  # group, name, expr, for (s), labels, annotations
+# group, name, expr, for (s), labels, annotations, keep_firing_for (s)
+Alert = tuple[str, str, str, float, tuple, tuple, float]
 
 
 def _items(d: dict[str, Any] | None) -> tuple:
@@ -34,7 +35,8 @@ def _items(d: dict[str, Any] | None) -> tuple:
 
 def from_prometheus_groups(groups: list[dict[str, Any]]) -> list[Alert]:
     return [(g["name"], r["alert"], r["expr"], duration_seconds(str(r.get("for") or "")), _items(r.get("labels")),
-             _items(grafana_annotations(r.get("annotations") or {})))
+             _items(grafana_annotations(r.get("annotations") or {})),
+             duration_seconds(str(r.get("keep_firing_for") or "")))
             for g in groups for r in g["rules"] if "alert" in r]
 
 
@@ -49,7 +51,7 @@ def from_grafana_rules(groups: list[tuple[str, list[dict[str, Any]]]], *, file_p
             # Grafana wants unique titles: an alert name used twice gets " (group #n)" appended.
             name = re.sub(r" \(\S+ #\d+\)$", "", r["title"])
             out.append((group, name, query["model"]["expr"], duration_seconds(r["for"]), _items(labels),
-                        _items(r.get("annotations"))))
+                        _items(r.get("annotations")), duration_seconds(str(r.get("keepFiringFor") or ""))))
     return out
 
 
@@ -119,7 +121,7 @@ def test_the_comparison_notices_drift(renderings: dict[str, list[Alert]]) -> Non
     lost_for = next(i for i, a in enumerate(grafana) if a[3] > 0)
     drifted = [changed, *grafana[1:]]
     drifted[lost_for] = drifted[lost_for][:3] + (0.0,) + drifted[lost_for][4:]
-    problems = _differences(source, drifted[:-1] + [("extra", "RankwatchNew", "up", 0.0, (), ())])
+    problems = _differences(source, drifted[:-1] + [("extra", "RankwatchNew", "up", 0.0, (), (), 0.0)])
     text = "\n".join(problems)
     assert f"differs: {grafana[0][0]}/{grafana[0][1]}" in text
     assert f"differs: {grafana[lost_for][0]}/{grafana[lost_for][1]}" in text

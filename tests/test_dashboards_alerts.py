@@ -78,14 +78,17 @@ def test_duplicate_alert_names_get_unique_titles_and_labels_survive_env_expansio
     rule = {"alert": "Dup", "expr": "up == 0", "labels": {"severity": "warning", "team": "ml$ops"},
             "annotations": {"summary": "{{ $labels.instance }} is {{ $value }}"}}
     path = tmp_path / "rankwatch-dup.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "a", "rules": [rule, rule]}, {"name": "b", "rules": [rule]}]}))
+    lingering = dict(rule, keep_firing_for="10m")
+    path.write_text(yaml.safe_dump({"groups": [{"name": "a", "rules": [rule, lingering]}, {"name": "b", "rules": [rule]}]}))
     rules = grafana_rules([path])
+    assert rules[1]["keepFiringFor"] == "10m" and "keepFiringFor" not in rules[0]
     titles = [r["title"] for r in rules]
     assert len(set(titles)) == 3 and len({r["uid"] for r in rules}) == 3 and all(t.startswith("Dup") for t in titles)
     assert rules[0]["annotations"]["summary"] == "{{ $labels.instance }} is {{ $values.A.Value }}"
     doc = yaml.safe_load(provisioning_file([path]))
     # File provisioning expands $VAR in labels; $$ is a literal $.
     assert doc["groups"][0]["rules"][0]["labels"]["team"] == "ml$$ops"
+    assert doc["groups"][0]["rules"][1]["keepFiringFor"] == "10m"
     bad = dict(rule, annotations={"summary": "${HOME}"})
     path.write_text(yaml.safe_dump({"groups": [{"name": "a", "rules": [bad]}]}))
     with pytest.raises(Exception, match="environment variable"):

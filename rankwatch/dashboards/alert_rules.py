@@ -91,6 +91,7 @@ def grafana_rules(files: Iterable[Path], datasource_uid: str = DEFAULT_DATASOURC
         seen[r.name] += 1
         title = r.name if counts[r.name] == 1 else f"{r.name} ({r.group} #{occurrence + 1})"
         for_s = duration_seconds(r.for_)
+        extra = {"keepFiringFor": r.keep_firing_for} if r.keep_firing_for else {}  # Grafana >= 11.6
         out.append({
             "uid": rule_uid(r, occurrence),
             "title": title,
@@ -103,6 +104,7 @@ def grafana_rules(files: Iterable[Path], datasource_uid: str = DEFAULT_DATASOURC
             "annotations": grafana_annotations(r.annotations),
             "labels": dict(r.labels),
             "isPaused": False,
+            **extra,
             "_interval": r.interval or DEFAULT_INTERVAL,
             "_for_s": for_s,
         })
@@ -151,6 +153,7 @@ def provisioning_file(files: Iterable[Path], datasource_uid: str = DEFAULT_DATAS
                 "annotations": r["annotations"],
                 "labels": {k: _escape_env(v) for k, v in r["labels"].items()},
                 "isPaused": r["isPaused"],
+                **({"keepFiringFor": r["keepFiringFor"]} if "keepFiringFor" in r else {}),
             })
         groups.append({"orgId": 1, "name": name, "folder": folder, "interval": rules[0]["_interval"],
                        "rules": entries})

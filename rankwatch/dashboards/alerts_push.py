@@ -28,6 +28,7 @@ DASHBOARD_DATASOURCE_NAME = "Prometheus"
 # Rule fields rankwatch sets; anything else Grafana stores (ids, updated, provenance...) is ignored
 # when deciding whether a group changed.
 COMPARED = ("uid", "title", "condition", "noDataState", "execErrState", "annotations", "labels", "isPaused")
+OPTIONAL_DURATIONS = ("keepFiringFor",)
 
 
 @dataclass
@@ -67,6 +68,8 @@ def _comparable(rule: dict[str, Any]) -> dict[str, Any]:
     out["annotations"] = out["annotations"] or {}
     out["labels"] = out["labels"] or {}
     out["for_s"] = duration_seconds(str(rule.get("for") or "0s"))
+    for key in OPTIONAL_DURATIONS:
+        out[key] = duration_seconds(str(rule.get(key) or "0s"))
     out["data"] = [(q.get("refId"), q.get("datasourceUid"), q.get("relativeTimeRange"), q.get("model"))
                    for q in rule.get("data") or []]
     return out
