@@ -249,3 +249,14 @@ def test_change_in_flight_is_awaited_or_reported(amp: FakeAMP, capsys, monkeypat
     assert _deploy(amp) == 2
     err = capsys.readouterr().err
     assert "ConflictException (409)" in err and "rerun" in err
+
+
+def test_rules_only_leaves_the_alert_manager_alone(amp: FakeAMP, tmp_path: Path, capsys) -> None:
+    """When Grafana does the alerting, AMP only needs the rules (the recording rules the alerts use)."""
+    assert main(["deploy", "amp", "--dry-run", "--rules-only", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rule-groups-namespace-rankwatch.yaml"]
+    assert main(["deploy", "amp", "--workspace-id", WS, "--endpoint-url", amp.url, "--rules-only"]) == 0
+    assert "rule groups namespace 'rankwatch': created" in capsys.readouterr().out
+    assert amp.definitions == {} and [r[1] for r in amp.changes()] == [f"/workspaces/{WS}/rulegroupsnamespaces"]
+    assert main(["deploy", "amp", "--workspace-id", WS, "--endpoint-url", amp.url]) == 2
+    assert "--sns-topic-arn is required" in capsys.readouterr().err

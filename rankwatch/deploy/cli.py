@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     amp.add_argument("--region", default=region, metavar="R",
                      help=f"AWS region of the workspace (default: $AWS_REGION or $AWS_DEFAULT_REGION: {region or 'unset'})")
-    amp.add_argument("--sns-topic-arn", required=True, metavar="ARN",
-                     help="SNS topic every receiver of alertmanager.yml publishes to (required)")
+    amp.add_argument("--sns-topic-arn", metavar="ARN",
+                     help="SNS topic every receiver of alertmanager.yml publishes to (default: none; required "
+                     "unless --rules-only)")
     amp.add_argument("--receiver-topic", action="append", default=[], metavar="NAME=ARN",
                      help="send receiver NAME of alertmanager.yml to its own SNS topic, e.g. "
                      "oncall-webhook=arn:aws:sns:...:oncall; repeatable (default: none, all use --sns-topic-arn)")
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="AMP API endpoint, e.g. a VPC endpoint (default: AWS's endpoint for --region)")
     amp.add_argument("--wait-timeout", type=float, default=300.0, metavar="S",
                      help="seconds to wait for AMP to apply each change (default: 300)")
+    amp.add_argument("--rules-only", action="store_true",
+                     help="upload only the rule groups namespace, e.g. when Grafana does the alerting and AMP only "
+                     "evaluates the recording rules (default: off)")
     amp.add_argument("--dry-run", action="store_true",
                      help="write the exact payloads to --out instead of calling AWS (default: off)")
     amp.add_argument("--out", default="amp-payload", metavar="DIR",
@@ -64,14 +68,20 @@ def _amp(args: argparse.Namespace) -> int:
     # Both payloads are built (and checked against what AMP refuses) before any AWS call.
     am_path = Path(args.alertmanager_config) if args.alertmanager_config else assets.asset_dir("alerts") / "alertmanager.yml"
     rules = rule_groups_namespace(assets.rule_files())
-    definition = alertmanager_definition(am_path, args.sns_topic_arn,
-                                         receiver_topics=_receiver_topics(args.receiver_topic),
-                                         message_format=args.message_format)
+    definition = None
+    if not args.rules_only:
+        if not args.sns_topic_arn:
+            raise InputError("--sns-topic-arn is required (or --rules-only)")
+        definition = alertmanager_definition(am_path, args.sns_topic_arn,
+                                             receiver_topics=_receiver_topics(args.receiver_topic),
+                                             message_format=args.message_format)
     if args.dry_run:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for name, text in ((f"rule-groups-namespace-{args.namespace}.yaml", rules),
-                           ("alert-manager-definition.yaml", definition)):
+        payloads = [(f"rule-groups-namespace-{args.namespace}.yaml", rules)]
+        if definition is not None:
+            payloads.append(("alert-manager-definition.yaml", definition))
+        for name, text in payloads:
             (out / name).write_text(text)
             print(f"wrote {out / name}")
         return 0
@@ -83,8 +93,10 @@ def _amp(args: argparse.Namespace) -> int:
 
     deployer = AmpDeployer(amp_client(args.region, args.endpoint_url), args.workspace_id,
                            wait_timeout_s=args.wait_timeout)
-    for outcome in (deployer.ensure_rule_groups_namespace(args.namespace, rules),
-                    deployer.ensure_alert_manager_definition(definition)):
+    outcomes = [deployer.ensure_rule_groups_namespace(args.namespace, rules)]
+    if definition is not None:
+        outcomes.append(deployer.ensure_alert_manager_definition(definition))
+    for outcome in outcomes:
         print(f"{outcome.what}: {outcome.action} ({outcome.status})")
     sys.stdout.flush()
     return 0
