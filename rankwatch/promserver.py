@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,16 @@ def wait_for_series(url: str, promql: str, *, min_series: int = 1, timeout: floa
             return result
         time.sleep(0.2)
     raise AssertionError(f"{promql!r} returned {len(result)} series after {timeout:.0f}s, wanted {min_series}")
+
+
+def victoria_import(url: str, chunks: Iterable[str | bytes], *, timeout: float = 600.0) -> None:
+    """Stream Prometheus text with millisecond timestamps into VictoriaMetrics'
+    ``/api/v1/import/prometheus`` (one chunked request: the text never has to exist as a file),
+    then flush so that every imported sample is searchable at once."""
+    body = (c.encode("utf-8") if isinstance(c, str) else c for c in chunks)
+    r = requests.post(url.rstrip("/") + "/api/v1/import/prometheus", data=body, timeout=timeout)
+    if r.status_code not in (200, 204):
+        raise RankwatchError(f"VictoriaMetrics import failed: HTTP {r.status_code}: {r.text.strip()[:500]}")
+    r = requests.get(url.rstrip("/") + "/internal/force_flush", timeout=timeout)
+    if r.status_code != 200:
+        raise RankwatchError(f"VictoriaMetrics flush failed: HTTP {r.status_code}: {r.text.strip()[:500]}")

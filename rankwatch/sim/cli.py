@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--run", default="sim-run", help="run label (default sim-run)")
     s.add_argument("--no-layout-labels", action="store_true", help="omit pp/tp/dp labels from rankwatch_rank_info")
     s.set_defaults(func=_scenario)
+    from rankwatch.sim import scale_cli
+
+    scale_cli.register(sub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
