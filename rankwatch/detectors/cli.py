@@ -54,7 +54,11 @@ def _add_connection(p: argparse.ArgumentParser, *, with_url: bool) -> None:
     g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify the server's certificate")
     g.add_argument("--client-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
     g.add_argument("--client-key", metavar="FILE", help="client key (PEM) for --client-cert")
-    g.add_argument("--insecure-skip-verify", action="store_true", help="do not verify the server's certificate")
+    g.add_argument("--insecure-skip-verify", action="store_true",
+                   help="do not verify the server's certificate (warned at start-up; not with --ca-file)")
+    g.add_argument("--allow-redirects", action="store_true",
+                   help="follow redirects that leave HTTPS or go to another host (credentials are not sent there); "
+                        "by default they are refused and logged")
     g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra request header, e.g. 'X-Scope-OrgID: team-a' for Mimir (repeatable)")
 
@@ -130,7 +134,8 @@ def connection_from_args(args: argparse.Namespace, url: str) -> Any:
         basic_user=args.basic_auth_user, basic_password_file=args.basic_auth_password_file,
         basic_password_env=ENV_BASIC_PASSWORD if args.basic_auth_user and not args.basic_auth_password_file else None,
         ca_file=args.ca_file, client_cert=args.client_cert, client_key=args.client_key,
-        insecure_skip_verify=args.insecure_skip_verify, sigv4_region=args.sigv4_region,
+        insecure_skip_verify=args.insecure_skip_verify, allow_redirects=args.allow_redirects,
+        sigv4_region=args.sigv4_region,
         sigv4_service=args.sigv4_service, sigv4_profile=args.sigv4_profile, headers=headers)
 
 
