@@ -20,7 +20,7 @@ from typing import IO, Any, Protocol
 
 from rankwatch.detectors.metrics import DetectorMetrics
 from rankwatch.detectors.model import Snapshot
-from rankwatch.detectors.state import DetectorState
+from rankwatch.detectors.state import DetectorState, StateError
 from rankwatch.errors import ConfigError
 from rankwatch.events import Event, EventSink
 
@@ -40,6 +40,22 @@ class Core(Protocol):
 
 class SnapshotSource(Protocol):
     def snapshot(self, t: float) -> Snapshot: ...
+
+
+def summarize_errors(errors: Sequence[str], n_queries: int | None = None) -> str:
+    """One line for a cycle's failed queries (``"<query>: <reason>"`` each): how many failed and
+    their distinct reasons, the queries skipped after the server failed folded into the first."""
+    reasons: list[str] = []
+    for e in errors:
+        reason = e.split(": ", 1)[-1]
+        if not reason.startswith("skipped, ") and reason not in reasons:
+            reasons.append(reason)
+    if not reasons:  # only skips (cannot happen: something failed first)
+        reasons = [errors[0].split(": ", 1)[-1]] if errors else []
+    of = f" of {n_queries}" if n_queries else ""
+    text = f"{len(errors)}{of} quer{'y' if len(errors) == 1 else 'ies'} failed, their quantities are missing: "
+    text += "; ".join(reasons[:2])
+    return text + (f" (and {len(reasons) - 2} other errors)" if len(reasons) > 2 else "")
 
 
 def align_down(t: float, interval: float) -> float:
@@ -150,17 +166,24 @@ class DetectorService:
         if self.state is not None:
             try:
                 ids = self.state.save(t, self.core.export_state(), events)
-            except Exception:  # disk full, locked file: keep detecting, the events still go out
+            except StateError as exc:  # locked, disk full: keep detecting, the events still go out
+                log.warning("detector state at %.0f not saved: %s; its %d event(s) are published anyway",
+                            t, exc, len(events))
+            except Exception:
                 log.exception("cannot save detector state at %.3f", t)
         self._emit(events)
         if self.state is not None and ids:
             try:
                 self.state.mark_published(ids)
+            except StateError as exc:
+                log.warning("events published but not marked so: %s (a restart publishes them again)", exc)
             except Exception:
                 log.exception("cannot mark events published")
         duration = time.perf_counter() - started
         n_queries = len(getattr(self.source, "queries", ())) or None
         all_failed = bool(snap.errors) and n_queries is not None and len(snap.errors) >= n_queries
+        if snap.errors:
+            log.warning("evaluation at %.0f: %s", t, summarize_errors(snap.errors, n_queries))
         if self.metrics is not None:
             self.metrics.observe_cycle(
                 t=t, duration_s=duration, errors=snap.errors, events=events, scores=self.core.scores,
@@ -183,13 +206,20 @@ class DetectorService:
         t = self.first_time()
         while not stop.is_set():
             due = align_down(self.clock() - self.query_delay_s, self.interval_s)
+            if t > due + self.interval_s:
+                # Only a clock set back puts the next evaluation more than an interval ahead:
+                # waiting for it would leave the detector blind until then.
+                log.warning("the clock went back: the next evaluation (data time %.0f) is %.0f s ahead of now; "
+                            "evaluating from now on (%.0f)", t, t - due, due)
+                t = due
+            elif due - t > self.max_catchup_s:
+                t = align_down(due - self.max_catchup_s, self.interval_s)
+                log.warning("the clock jumped forward: skipping to data time %.0f (at most --max-catchup %.0f s "
+                            "of missed evaluations)", t, self.max_catchup_s)
             if t > due:
                 stop.wait(max(0.0, t + self.query_delay_s - self.clock()))
                 continue
             res = self.run_cycle(t)
-            if res.errors:
-                log.warning("evaluation at %.0f: %d quer%s failed", t, len(res.errors),
-                            "y" if len(res.errors) == 1 else "ies")
             t += self.interval_s
             if res.all_failed:
                 # Nothing answered: do not replay a backlog into an unreachable server.
