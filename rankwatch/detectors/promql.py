@@ -21,6 +21,7 @@ Everything here is PromQL that VictoriaMetrics' MetricsQL also accepts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -182,5 +183,8 @@ def build_queries(window_s: float, efa_counters: Sequence[str]) -> list[Query]:
     xid = f'{XID_COUNT}{{xid!=""}}'
     qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {w}) or increase({xid}[{w}])"))
     counters = list(dict.fromkeys([*efa_counters, *EFA_THROUGHPUT_COUNTERS]))
+    bad = [c for c in counters if not re.fullmatch(r"[A-Za-z0-9_]+", c)]
+    if bad:  # the config checks them (config.check_metric_suffix); never paste anything else
+        raise ValueError(f"EFA counter names must be metric-name suffixes, got {bad!r}")
     qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{w}])") for c in counters]
     return qs
