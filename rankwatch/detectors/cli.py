@@ -38,9 +38,12 @@ def _add_connection(p: argparse.ArgumentParser, *, with_url: bool) -> None:
     if with_url:
         g.add_argument("--prometheus", metavar="URL", default=os.environ.get(ENV_URL),
                        help=f"base URL, e.g. http://prometheus:9090 or an AMP workspace URL (env {ENV_URL})")
-    g.add_argument("--query-timeout", type=float, default=5.0, metavar="S", help="per-request timeout (5)")
+    g.add_argument("--query-timeout", type=float, default=5.0, metavar="S",
+                   help="timeout of each request and, live, the budget of one cycle's queries together; a timeout "
+                        "is never retried (5)")
     g.add_argument("--query-retries", type=int, default=2, metavar="N",
-                   help="retries with backoff on connection errors and 429/502/503/504 (2)")
+                   help="retries with backoff on refused or reset connections and 429/502/503/504, within the "
+                        "cycle's budget (2)")
     g.add_argument("--bearer-token-file", metavar="FILE",
                    help="file holding a bearer token, re-read per request (or env RANKWATCH_PROMETHEUS_TOKEN)")
     g.add_argument("--basic-auth-user", metavar="USER",
