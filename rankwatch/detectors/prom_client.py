@@ -336,7 +336,10 @@ class PromClient:
             r.close()
             r = self.session.post(target, data=params, timeout=timeout, verify=self._verify, cert=self._cert,
                                   allow_redirects=False, auth=auth)
-        raise self._error(f"{what}: more than {MAX_REDIRECTS} redirects", error_type="redirect")
+        if r.status_code in REDIRECT_STATUSES and "location" in r.headers:
+            r.close()
+            raise self._error(f"{what}: more than {MAX_REDIRECTS} redirects", error_type="redirect")
+        return r
 
     def _post(self, path: str, params: dict[str, Any], what: str, deadline: float | None = None) -> dict[str, Any]:
         """One API call. ``deadline`` (``time.monotonic()``) bounds every try and wait together."""
