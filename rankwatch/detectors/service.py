@@ -53,9 +53,10 @@ def summarize_errors(errors: Sequence[str], n_queries: int | None = None) -> str
     if not reasons:  # only skips (cannot happen: something failed first)
         reasons = [errors[0].split(": ", 1)[-1]] if errors else []
     of = f" of {n_queries}" if n_queries else ""
-    text = f"{len(errors)}{of} quer{'y' if len(errors) == 1 else 'ies'} failed, their quantities are missing: "
+    noun = "query" if (n_queries or len(errors)) == 1 else "queries"
+    text = f"{len(errors)}{of} {noun} failed, their quantities are missing: "
     text += "; ".join(reasons[:2])
-    return text + (f" (and {len(reasons) - 2} other errors)" if len(reasons) > 2 else "")
+    return text + (f" (+{len(reasons) - 2} other reasons)" if len(reasons) > 2 else "")
 
 
 def align_down(t: float, interval: float) -> float:
