@@ -3,6 +3,7 @@ against its alternative in the same run on the same data in a real Prometheus.
 
 Replay (range queries; the 64-rank, 30-minute export of bench_replay.py):
 * the responses' size, and decoding them with orjson against the standard library's json;
+* gzip responses against none: Prometheus' CPU for the whole replay's range queries;
 * converting the decoded points into series (the client's own code, fed the decoded bodies);
 * the per-time joins (``build_snapshots``), with the cyclic GC paused (as shipped) and not,
   with a detector-sized heap in the process (``--heap-objects``);
@@ -12,8 +13,10 @@ Replay (range queries; the 64-rank, 30-minute export of bench_replay.py):
 
 Live (instant queries; the 256-rank job of bench_live_cycle.py):
 * gzip responses against none, from a Prometheus on loopback: Prometheus' CPU per cycle;
+* the 7 EFA counters merged into one tagged instant query against one query each: the
+  detector's and Prometheus' CPU per cycle;
 * the GPU gauges as plain selectors against ``max by (__name__, Hostname, gpu)``: response
-  size and Prometheus' CPU per request;
+  size, decoding time and Prometheus' CPU per request;
 * a whole snapshot with the cyclic GC paused against not paused: the detector's CPU per cycle.
 
     .venv/bin/python bench/bench_detector_io.py [--only replay|live] [--repeats 7]
@@ -116,6 +119,15 @@ def replay_part(args: argparse.Namespace) -> None:
             print(f"  decoding them: orjson {med(dec['orjson']['cpu']):.3f} s CPU, stdlib json "
                   f"{med(dec['json']['cpu']):.3f} s (orjson/json {med(dec['orjson']['cpu']) / med(dec['json']['cpu']):.2f})")
 
+            def fetch_all(gz: bool) -> Callable[[], None]:
+                c = PromClient(PromConnection(url=ds.url, timeout_s=120, compress=gz))
+                return lambda: [c.query_range(q.expr, times[0], times[-1], step) for q in src.queries]
+
+            gzr = alternate({"gzip": fetch_all(True), "identity": fetch_all(False)}, args.repeats, pid)
+            pg, pi = med(gzr["gzip"]["prom"]), med(gzr["identity"]["prom"])
+            print(f"  Prometheus CPU for all range queries: gzip {pg:.2f} s, uncompressed {pi:.2f} s: compressing is "
+                  f"{(pg - pi) / pg * 100:.0f} % of it")
+
             # conversion: the client's own query_range, fed the decoded bodies instead of HTTP
             decoded = {src_q.expr: orjson.loads(bodies[src_q.name]) for src_q in src.queries}
             feed = PromClient(PromConnection(url=ds.url))
@@ -213,9 +225,22 @@ def live_part(args: argparse.Namespace) -> None:
                   f"compressing is {(pg - pi) / pg * 100:.0f} % of it (detector CPU {med(res['gzip']['cpu']) * 1e3:.0f}"
                   f" vs {med(res['identity']['cpu']) * 1e3:.0f} ms)")
 
+            merge = {m: PromSource(PromClient(PromConnection(url=ds.url, timeout_s=30)), cfg.window_s,
+                                   cfg.efa_error_counters, merge_instant=m) for m in (True, False)}
+            mres = alternate({"merged": lambda: merge[True].snapshot(times[next(it) % len(times)]),
+                              "one each": lambda: merge[False].snapshot(times[next(it) % len(times)])},
+                             args.cycles, pid)
+            print(f"  EFA counters merged into one instant query vs one each ({len(merge[True].instant_queries)} vs "
+                  f"{len(merge[False].instant_queries)} requests): detector CPU per cycle "
+                  f"{med(mres['merged']['cpu']) * 1e3:.0f} vs {med(mres['one each']['cpu']) * 1e3:.0f} ms, Prometheus "
+                  f"{med(mres['merged']['prom']) * 1e3:.0f} vs {med(mres['one each']['prom']) * 1e3:.0f} ms")
+            for m in merge.values():
+                m.close()
+
             queries = {q.name: q.expr for q in srcs[False].queries}
             trimmed = {q.name: q.expr for q in merge_for_instant(srcs[False].queries)}
             sizes: dict[str, list[int]] = {"plain": [], "max by": []}
+            bodies: dict[str, bytes] = {}
 
             def gpu(form: str, expr: str) -> Callable[[], None]:
                 def go() -> None:
@@ -224,13 +249,18 @@ def live_part(args: argparse.Namespace) -> None:
                                       headers={"Accept-Encoding": "identity"}, timeout=30)
                     r.raise_for_status()
                     sizes[form].append(len(r.content))
+                    bodies[form] = r.content
                 return go
 
             g = alternate({"plain": gpu("plain", queries["gpu_gauges"]),
                            "max by": gpu("max by", trimmed["gpu_gauges"])}, args.cycles, pid)
+            import orjson
+
+            dec = alternate({f: (lambda f=f: orjson.loads(bodies[f])) for f in bodies}, 50)
             print(f"  GPU gauges, one instant query: plain {med(sizes['plain']) / 1e3:.0f} kB, max by "
                   f"{med(sizes['max by']) / 1e3:.0f} kB; Prometheus CPU (mean) {statistics.mean(g['plain']['prom']) * 1e3:.1f} "
-                  f"vs {statistics.mean(g['max by']['prom']) * 1e3:.1f} ms")
+                  f"vs {statistics.mean(g['max by']['prom']) * 1e3:.1f} ms; decoding {med(dec['plain']['cpu']) * 1e3:.1f} "
+                  f"vs {med(dec['max by']['cpu']) * 1e3:.1f} ms")
 
             heap = ballast(args.heap_objects)
             shipped = source_mod._gc_paused  # noqa: SLF001 - A/B of the shipped pause
