@@ -1,7 +1,9 @@
 """`rankwatch detector` (live service) and `rankwatch detect` (replay file or backtest range).
 
 Both read the same TOML config (thresholds for the core; the alerting tables go to
-``rankwatch.alerts.build_sink``) and produce the same JSON-lines events."""
+``rankwatch.alerts.build_sink``) and produce the same events: JSON lines on stdout and in
+``--events-file``, or one readable line each on stdout with ``--format text``. The live
+detector also logs a heartbeat every ``--heartbeat-every`` cycles (``heartbeat.py``)."""
 
 from __future__ import annotations
 
