@@ -45,7 +45,7 @@ def _add_connection(p: argparse.ArgumentParser, *, with_url: bool) -> None:
     g = p.add_argument_group("Prometheus connection (any server speaking the Prometheus query API)")
     if with_url:
         g.add_argument("--prometheus", metavar="URL", default=os.environ.get(ENV_URL),
-                       help=f"base URL, e.g. http://prometheus:9090 or an AMP workspace URL (env {ENV_URL})")
+                       help=f"base URL, e.g. http://prometheus:9090 or an AMP workspace URL (default: ${ENV_URL})")
     g.add_argument("--query-timeout", type=float, default=5.0, metavar="S",
                    help="per-request timeout in seconds (default: 5)")
     g.add_argument("--query-retries", type=int, default=2, metavar="N",
