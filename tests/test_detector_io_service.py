@@ -268,7 +268,7 @@ def test_corrupt_state_db_is_moved_aside_with_a_clear_message(tmp_path: Path, ca
 def _detector_cmd(url: str, tmp_path: Path, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rankwatch", "detector", "--prometheus", url, "--interval", "1",
             "--query-delay", "0", "--query-timeout", "0.5", "--query-retries", "0", "--listen", f"127.0.0.1:{port}",
-            "--state-db", str(tmp_path / "state.sqlite"), "--events-file", str(tmp_path / "events.jsonl"), *extra]
+            "--state-dir", str(tmp_path / "state"), "--events-file", str(tmp_path / "events.jsonl"), *extra]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ Expressions stay plain selectors and ``*_over_time``/``rate``/``increase`` calls
 time = section rate / step rate; rank -> target ``up``; EFA ``instance`` -> host) and de-duplication
 (a target scraped by two jobs) happen in ``source.build_snapshot``, identically for both paths:
 Prometheus 2.x evaluates ``max by`` and vector matching step by step, and measured on a
-64-rank, 30-minute replay they cost 10x the plain selectors (BENCHMARKS.md). Joins follow
+64-rank, 30-minute replay they cost several times the plain selectors (BENCHMARKS.md). Joins follow
 DESIGN.md "Joining series": never on scrape job names. Probe series carry ``run``/``rank``/
 ``node``; GPU series carry dcgm's ``Hostname``; EFA series carry only the ``instance`` that
 Prometheus adds, which joins to the host through ``rankwatch_node_info{Hostname}``.

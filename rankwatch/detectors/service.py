@@ -68,10 +68,13 @@ def align_up(t: float, interval: float) -> float:
 
 
 class EventWriter:
-    """JSON lines to a stream (stdout) and/or appended to a file, flushed per event."""
+    """JSON lines to a stream (stdout) and/or appended to a file, flushed per event. ``render``
+    formats the stream's lines instead (``--format text``); the file stays JSON lines."""
 
-    def __init__(self, stream: IO[str] | None = None, path: str | Path | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, path: str | Path | None = None,
+                 render: Callable[[Event], str] | None = None) -> None:
         self.stream = stream
+        self.render = render
         self.file: IO[str] | None = None
         if path is not None:
             p = Path(path)
@@ -81,10 +84,12 @@ class EventWriter:
     def publish(self, events: Sequence[Event]) -> None:
         for e in events:
             line = e.to_json() + "\n"
-            for out in (self.stream, self.file):
-                if out is not None:
-                    out.write(line)
-                    out.flush()
+            if self.file is not None:
+                self.file.write(line)
+                self.file.flush()
+            if self.stream is not None:
+                self.stream.write(line if self.render is None else self.render(e) + "\n")
+                self.stream.flush()
 
     def close(self) -> None:
         if self.file is not None:
@@ -99,14 +104,17 @@ class CycleResult:
     errors: list[str]
     duration_s: float
     all_failed: bool
+    snapshot: Snapshot | None = None  # what was evaluated (None when the cycle failed)
 
 
 class DetectorService:
     def __init__(self, source: SnapshotSource, core: Core, *, interval_s: float, writer: EventWriter | None = None,
                  sinks: Iterable[EventSink] = (), state: DetectorState | None = None,
                  metrics: DetectorMetrics | None = None, query_delay_s: float = 2.0, max_catchup_s: float = 3600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_cycle: Callable[[CycleResult], None] | None = None) -> None:
         self.source = source
+        self.on_cycle = on_cycle  # after every live cycle (the CLI's heartbeat)
         self.core = core
         self.interval_s = float(interval_s)
         self.writer = writer
@@ -123,7 +131,7 @@ class DetectorService:
                 try:
                     core.import_state(saved)
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"--state-db {state.path}: cannot resume from the stored state ({exc}); "
+                    raise ConfigError(f"state database {state.path}: cannot resume from the stored state ({exc}); "
                                       "move the file away to start afresh") from None
                 self.last_time = last
                 log.info("resumed detector state: last evaluation at %.0f", last)
@@ -191,7 +199,7 @@ class DetectorService:
                 flagged=self.core.flagged,
                 counts={"ranks": len(snap.ranks), "gpus": len(snap.gpus), "nics": len(snap.nics),
                         "nodes": len(snap.nodes)})
-        return CycleResult(t, events, list(snap.errors), duration, all_failed)
+        return CycleResult(t, events, list(snap.errors), duration, all_failed, snap)
 
     def first_time(self) -> float:
         """The first data time to evaluate: right after the saved one (catching up at most
@@ -221,6 +229,11 @@ class DetectorService:
                 stop.wait(max(0.0, t + self.query_delay_s - self.clock()))
                 continue
             res = self.run_cycle(t)
+            if self.on_cycle is not None:
+                try:
+                    self.on_cycle(res)
+                except Exception:
+                    log.exception("cycle hook failed")
             t += self.interval_s
             if res.all_failed:
                 # Nothing answered: do not replay a backlog into an unreachable server.

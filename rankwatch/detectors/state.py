@@ -99,10 +99,10 @@ class DetectorState:
             self._connect(check)
         except sqlite3.DatabaseError as exc:
             if _is_busy(exc):
-                raise ConfigError(f"--state-db {self.path}: locked by another process (waited "
+                raise ConfigError(f"state database {self.path}: locked by another process (waited "
                                   f"{self.lock_timeout_s:g}s: {exc}); stop it or use another file") from None
             if not _is_corrupt(exc) or self.path == ":memory:":
-                raise ConfigError(f"--state-db {self.path}: not a usable SQLite database ({exc})") from None
+                raise ConfigError(f"state database {self.path}: not a usable SQLite database ({exc})") from None
             self._move_aside(str(exc))
             self._connect(check=False)
 
@@ -111,7 +111,7 @@ class DetectorState:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(self.path + suffix):
                 os.replace(self.path + suffix, aside + suffix)
-        log.warning("--state-db %s is not a usable SQLite database (%s): moved it aside to %s and started a "
+        log.warning("state database %s is not a usable SQLite database (%s): moved it aside to %s and started a "
                     "fresh state (open episodes are forgotten; they may fire again)", self.path, reason, aside)
 
     def _check_file(self) -> None:
@@ -126,7 +126,7 @@ class DetectorState:
         # that WAL into the new one (measured: a garbage file then passes its integrity check).
         for suffix in ("-wal", "-shm"):
             Path(self.path + suffix).unlink(missing_ok=True)
-        log.warning("--state-db %s was %s while the detector was running: %s", self.path,
+        log.warning("state database %s was %s while the detector was running: %s", self.path,
                     "deleted" if now is None else "replaced by another file",
                     "recreating it; the state in memory is saved into it" if now is None else "reopening it")
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -147,11 +147,11 @@ class DetectorState:
                 return fn()
         except sqlite3.DatabaseError as exc:
             if _is_busy(exc):
-                raise StateError(f"--state-db {self.path}: locked by another process for more than "
+                raise StateError(f"state database {self.path}: locked by another process for more than "
                                  f"{self.lock_timeout_s:g}s") from None
-            raise StateError(f"--state-db {self.path}: {exc}") from None
+            raise StateError(f"state database {self.path}: {exc}") from None
         except (OSError, ConfigError) as exc:
-            raise StateError(f"--state-db {self.path}: {exc}") from None
+            raise StateError(f"state database {self.path}: {exc}") from None
 
     def _migrate(self) -> None:
         try:
@@ -164,7 +164,7 @@ class DetectorState:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is not None and int(row[0]) != SCHEMA_VERSION:
-                raise ConfigError(f"--state-db {self.path}: schema version {row[0]}, this rankwatch uses "
+                raise ConfigError(f"state database {self.path}: schema version {row[0]}, this rankwatch uses "
                                   f"{SCHEMA_VERSION}; move the file away to start afresh")
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("""CREATE TABLE IF NOT EXISTS core_state (
@@ -193,7 +193,7 @@ class DetectorState:
         try:
             return json.loads(row[0]), float(row[1])
         except ValueError as exc:
-            raise ConfigError(f"--state-db {self.path}: stored state is not valid JSON ({exc})") from None
+            raise ConfigError(f"state database {self.path}: stored state is not valid JSON ({exc})") from None
 
     def save(self, t: float, core_state: dict[str, Any], events: Sequence[Event]) -> list[int]:
         """Atomically store the state after evaluating ``t`` and that evaluation's events; returns
