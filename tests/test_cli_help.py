@@ -122,6 +122,7 @@ def _required(path: tuple[str, ...]) -> list[str]:
         ("alerts", "outbox"): ["--state-dir", "s"],
         ("dashboards", "push"): ["--grafana", "http://g"],
         ("sim", "scenario"): ["healthy"],
+        ("sim", "scale"): ["--ranks", "64"],
     }.get(path, [])
 
 
