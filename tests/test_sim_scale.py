@@ -115,15 +115,18 @@ def test_parts_are_valid_files_that_add_up_to_the_whole(tmp_path: Path) -> None:
     tel = simulate(ScaleJob(**SMALL))
     whole = "".join(iter_chunks(tel, "openmetrics"))
     n = [0]
-    parts = list(write_parts(tel, tmp_path / "parts", "small", 1 << 20, n))
-    assert len(parts) > 3
-    body = []
+    parts = list(write_parts(tel, tmp_path / "parts", "small", 256 << 10, n))
+    assert len(parts) > 5
+    samples, families = [], collections.Counter()
     for p in parts:
         text = p.read_text()
         assert text.startswith("# TYPE ") and text.endswith("# EOF\n") and text.count("# EOF") == 1
-        body.append(text[: -len("# EOF\n")])
-    assert "".join(body) + "# EOF\n" == whole
-    assert n[0] == sum(1 for ln in whole.splitlines() if ln[0] != "#")
+        lines = text.splitlines()
+        samples += [ln for ln in lines if ln[0] != "#"]
+        families.update({ln.split()[2] for ln in lines if ln.startswith("# TYPE ")})
+        assert p.stat().st_size < (256 << 10) + 64 * 1024  # about max_bytes: at most one scrape of one family more
+    assert samples == [ln for ln in whole.splitlines() if ln[0] != "#"] and len(samples) == n[0]
+    assert max(families.values()) > 1  # a family cut between two scrapes, its TYPE/HELP repeated
     # promtool backfills them one by one into one TSDB, which then holds every sample
     tsdb = tmp_path / "tsdb"
     for p in parts:

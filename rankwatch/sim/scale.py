@@ -255,10 +255,19 @@ def _value_strings(row: np.ndarray) -> list[str]:
     return [str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v) for v in row.tolist()]
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """A place where the text may be cut into separate files: before a family (``meta`` empty)
+    or between two scrapes of one (``meta``: the family's TYPE/HELP lines, which a file that
+    starts there needs)."""
+
+    meta: str = ""
+
+
 class _Writer:
     """Family-major text: one family's samples for every scrape, then the next family."""
 
-    def __init__(self, tel: ScaleTelemetry, fmt: str, family_marks: bool = False) -> None:
+    def __init__(self, tel: ScaleTelemetry, fmt: str, marks: bool = False) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
         self.tel = tel
@@ -271,7 +280,14 @@ class _Writer:
         self.samples = 0
         self.buf: list[str] = []
         self.size = 0
-        self.family_marks = family_marks
+        self.marks = marks
+
+    def _cut(self, meta: str) -> Iterator[str | _Cut]:
+        if self.marks:
+            if self.buf:
+                yield "".join(self.buf)
+                self.buf, self.size = [], 0
+            yield _Cut(meta)
 
     def _put(self, s: str) -> Iterator[str]:
         self.buf.append(s)
@@ -282,19 +298,17 @@ class _Writer:
             yield out
 
     def family(self, name: str, typ: str, help_: str, labels: list[str], values: np.ndarray | list[np.ndarray]
-               ) -> Iterator[str]:
+               ) -> Iterator[str | _Cut]:
         """``values``: (K, len(labels)) array, or one (K,) array per label set. NaN = no sample."""
         meta = f"# TYPE {name} {typ}\n# HELP {name} {help_}\n" if self.fmt == "openmetrics" else f"# TYPE {name} {typ}\n"
-        if self.family_marks:
-            if self.buf:
-                yield "".join(self.buf)
-                self.buf, self.size = [], 0
-            yield ""  # a family starts here: a place where the text may be cut into files
+        yield from self._cut("")
         yield from self._put(meta)
         sample = f"{name}_total" if typ == "counter" else name
         prefixes = [f"{sample}{lb} " for lb in labels]
         mat = values if isinstance(values, np.ndarray) else np.stack(values, axis=1)
         for k, ts in enumerate(self.ts):
+            if k:
+                yield from self._cut(meta)
             row = mat[k]
             keep = ~np.isnan(row)
             if keep.all():
@@ -314,14 +328,17 @@ class _Writer:
             self.buf, self.size = [], 0
 
 
-def iter_chunks(tel: ScaleTelemetry, fmt: str = "openmetrics", counter: list[int] | None = None, *,
-                family_marks: bool = False) -> Iterator[str]:
+def iter_chunks(tel: ScaleTelemetry, fmt: str = "openmetrics", counter: list[int] | None = None) -> Iterator[str]:
     """The replay text in chunks of about a megabyte. ``counter``, if given, receives the number
-    of samples written once the iterator is exhausted (``counter[0]``). ``family_marks``: yield
-    an empty string where each metric family starts (for ``write_parts``; never send those to
-    an HTTP body, where an empty chunk ends the request)."""
+    of samples written once the iterator is exhausted (``counter[0]``)."""
+    for chunk in _stream(tel, fmt, counter, marks=False):
+        assert isinstance(chunk, str)
+        yield chunk
+
+
+def _stream(tel: ScaleTelemetry, fmt: str, counter: list[int] | None, marks: bool) -> Iterator[str | _Cut]:
     job = tel.job
-    w = _Writer(tel, fmt, family_marks)
+    w = _Writer(tel, fmt, marks)
     world, gpn = job.ranks, job.gpus_per_node
     K = tel.times.size
     node_of = [tel.node_names[r // gpn] for r in range(world)]
@@ -400,8 +417,9 @@ def write(tel: ScaleTelemetry, out: TextIO, fmt: str = "openmetrics") -> int:
 
 def write_parts(tel: ScaleTelemetry, out_dir: str | Path, name: str, max_bytes: int,
                 counter: list[int] | None = None) -> Iterator[Path]:
-    """The OpenMetrics text cut at family boundaries into files of about ``max_bytes`` (a family
-    larger than that gets a file of its own), each a valid replay file ending in ``# EOF``.
+    """The OpenMetrics text cut into files of about ``max_bytes`` (plus at most one scrape of one
+    family), each a valid replay file: cuts fall between families or between two scrapes of one
+    family, whose TYPE/HELP lines then open the next file, and every file ends in ``# EOF``.
     Yields each path as soon as its file is complete: the caller can backfill and delete one
     part while the next is written, so the whole text never sits on disk. ``counter`` receives
     the total number of samples at the end."""
@@ -411,14 +429,17 @@ def write_parts(tel: ScaleTelemetry, out_dir: str | Path, name: str, max_bytes: 
     part, size = 0, 0
     fh: TextIO | None = None
     path = out / name
-    for chunk in iter_chunks(tel, "openmetrics", counter, family_marks=True):
-        if chunk == "":
+    for chunk in _stream(tel, "openmetrics", counter, marks=True):
+        if isinstance(chunk, _Cut):
             if fh is not None and size >= max_bytes:
                 fh.write(eof)
                 fh.close()
                 fh = None
                 yield path
-            continue
+            if fh is None and chunk.meta:  # a family goes on in the next file
+                chunk = chunk.meta
+            else:
+                continue
         if fh is None:
             path = out / f"{name}.part{part:03d}.om"
             fh = path.open("w", encoding="utf-8", buffering=1 << 20)
