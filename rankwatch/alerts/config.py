@@ -2,18 +2,19 @@
 detector's TOML file, validated into frozen dataclasses.
 
 Secrets never live in the TOML file: the Slack webhook URL and bot token are read from the
-environment (``SLACK_WEBHOOK_URL``, ``SLACK_BOT_TOKEN`` by default) or from a file whose path the
-config names. They are kept out of ``repr`` so a logged config never shows them."""
+environment (``SLACK_WEBHOOK_URL``, ``SLACK_BOT_TOKEN`` by default), from a file whose path the
+config names, or from the file named by ``<VARIABLE>_FILE`` (Docker secrets), always through
+``rankwatch.secrets`` (one printable line, registered for redaction). They are kept out of ``repr`` so a logged config never shows them."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from rankwatch.errors import ConfigError
+from rankwatch.secrets import SecretError, read_secret_file, secret_from_env
 
 SEVERITIES = ("info", "warning", "critical")
 KINDS = ("straggler", "gpu_fault", "network", "hang", "throughput_drop", "data_gap")
@@ -153,19 +154,23 @@ def _bool(table: Mapping[str, Any], key: str, default: bool, name: str, source: 
 
 def _secret(table: Mapping[str, Any], env_key: str, file_key: str, default_env: str, name: str, source: str,
             environ: Mapping[str, str]) -> str | None:
-    """The secret from the file named by ``file_key`` or else the environment variable."""
+    """The secret from the file named by ``file_key``, else the environment variable (``env_key``,
+    default ``default_env``), else the file named by that variable + ``_FILE`` (the Docker
+    secrets convention; an empty file there means "not configured", like an empty variable)."""
     path = _str(table, file_key, None, name, source)
-    if path is not None:
-        try:
-            text = Path(path).expanduser().read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{source}: {name}.{file_key}: cannot read {path}: {exc.strerror}") from None
-        if not text:
-            raise ConfigError(f"{source}: {name}.{file_key}: {path} is empty")
-        return text
-    env_name = _str(table, env_key, default_env, name, source)
-    value = environ.get(str(env_name), "").strip()
-    return value or None
+    env_name = str(_str(table, env_key, default_env, name, source))
+    try:
+        if path is not None:
+            return read_secret_file(path, what=f"{name}.{file_key}")
+        value = secret_from_env(env_name, environ, what=f"{name} secret")
+        if value:
+            return value
+        file_env = environ.get(env_name + "_FILE", "").strip()
+        if file_env:
+            return read_secret_file(file_env, what=f"{env_name}_FILE", allow_empty=True) or None
+    except SecretError as exc:
+        raise SecretError(f"{source}: {exc}") from None
+    return None
 
 
 def _slack(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> SlackConfig | None:
