@@ -157,13 +157,14 @@ def load_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return config, raw
 
 
-def build_sinks(raw: dict[str, Any], state_dir: Path, source: str) -> list[Any]:
-    """The alerting sink for the config's [slack]/[wandb]/[alertmanager]/... tables, if any."""
+def build_sinks(raw: dict[str, Any], state_dir: Path, source: str, *, ephemeral: bool = False) -> list[Any]:
+    """The alerting sink for the config's [slack]/[wandb]/[alertmanager]/... tables, if any.
+    ``ephemeral``: ``state_dir`` is deleted at exit."""
     try:
         from rankwatch.alerts import build_sink
     except ImportError:
         return []
-    sink = build_sink(raw, state_dir=state_dir, source=source)
+    sink = build_sink(raw, state_dir=state_dir, source=source, ephemeral=ephemeral)
     return [sink] if sink is not None else []
 
 
@@ -228,7 +229,7 @@ def run_detect(args: argparse.Namespace) -> int:
         raise ConfigError("a backtest needs --start and --end")
     with tempfile.TemporaryDirectory(prefix="rankwatch-detect-") as tmp:
         state_dir = Path(args.alert_state_dir) if args.alert_state_dir else Path(tmp)
-        sinks = build_sinks(raw, state_dir, args.config or "<config>")
+        sinks = build_sinks(raw, state_dir, args.config or "<config>", ephemeral=not args.alert_state_dir)
         writer = EventWriter(None if args.quiet else sys.stdout, args.events_file)
         dataset = None
         try:

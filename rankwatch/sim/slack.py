@@ -3,13 +3,15 @@ rankwatch uses, for tests and the demo: the real slack_sdk clients talk to it un
 (``WebClient(base_url=server.api_url)``, ``WebhookClient(server.webhook_url)``).
 
 Web API methods: ``auth.test``, ``chat.postMessage`` (threads, metadata), ``chat.update``,
-``conversations.history`` (with metadata), and the ``files_upload_v2`` sequence
+``conversations.history`` and ``conversations.replies`` (with metadata), and the ``files_upload_v2`` sequence
 (``files.getUploadURLExternal`` → POST to the returned upload URL → ``files.completeUploadExternal``).
 Webhooks: POST ``/services/...`` answers ``ok`` like Slack.
 
 It records every request and every message, checks the bearer token and Block Kit limits the
 way Slack does (``invalid_auth``, ``invalid_blocks``), and can be told to answer the next N
-requests with 429 + ``Retry-After`` or with 500."""
+requests with 429 + ``Retry-After`` or with 500, or to be slow: ``hold()`` processes and records
+matching requests but keeps their answers back until ``release()`` (a Slack that posts the
+message and answers after the client's timeout)."""
 
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class SlackServer:
         self.uploads: dict[str, dict[str, Any]] = {}
         # [remaining count, status, retry_after, path predicate]
         self._faults: list[list[Any]] = []
+        self._holds: list[Callable[[str], bool]] = []
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -92,6 +96,7 @@ class SlackServer:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -135,6 +140,19 @@ class SlackServer:
         with self._lock:
             self._faults.clear()
 
+    def hold(self, match: Callable[[str], bool] | None = None) -> None:
+        """Process and record matching requests (by path) as usual, but answer them only after
+        ``release()``: the client sees a timeout although Slack did the work."""
+        with self._lock:
+            self._released.clear()
+            self._holds.append(match or (lambda _p: True))
+
+    def release(self) -> None:
+        """Answer the held requests now, and stop holding."""
+        with self._lock:
+            self._holds.clear()
+            self._released.set()
+
     # -- inspection ----------------------------------------------------------------------------
 
     def calls(self, api_method: str | None = None, *, ok_only: bool = True) -> list[RecordedRequest]:
@@ -174,6 +192,9 @@ class SlackServer:
             status, payload, extra_headers = self._route(parsed.path, params, headers, body)
         with self._lock:
             self.requests.append(RecordedRequest(h.command, parsed.path, headers, body, params, status))
+            held = any(match(parsed.path) for match in self._holds)
+        if held:
+            self._released.wait()
         data = payload if isinstance(payload, bytes) else (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         h.send_response(status)
         is_text = isinstance(payload, str | bytes)
@@ -297,6 +318,22 @@ class SlackServer:
         out = []
         for m in reversed(msgs):
             d: dict[str, Any] = {"type": "message", "ts": m.ts, "text": m.text}
+            if m.metadata and str(p.get("include_all_metadata")).lower() in ("1", "true"):
+                d["metadata"] = m.metadata
+            out.append(d)
+        return {"ok": True, "messages": out, "has_more": False}
+
+    def _api_conversations_replies(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("channel") != self.channel:
+            return {"ok": False, "error": "channel_not_found"}
+        with self._lock:
+            parent = [m for m in self.messages if m.ts == p.get("ts") and m.thread_ts is None]
+            if not parent:
+                return {"ok": False, "error": "thread_not_found"}
+            msgs = parent + [m for m in self.messages if m.thread_ts == p.get("ts")]
+        out = []
+        for m in msgs:
+            d: dict[str, Any] = {"type": "message", "ts": m.ts, "text": m.text, "thread_ts": p.get("ts")}
             if m.metadata and str(p.get("include_all_metadata")).lower() in ("1", "true"):
                 d["metadata"] = m.metadata
             out.append(d)
