@@ -45,7 +45,7 @@ class SecretError(ConfigError):
 
 def check_secret(value: str, where: str) -> str:
     """``value`` without surrounding whitespace, if it is one line of printable characters.
-    ``where`` names its origin for the error ("file /run/secrets/x", "environment variable X")."""
+    ``where`` names its origin for the error ("/run/secrets/x (Grafana token)")."""
     text = value.strip()
     if not text:
         raise SecretError(f"{where} is empty")
@@ -62,7 +62,7 @@ def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret", allo
     registered for ``redact``. Raises SecretError naming the file; an empty file is an error
     unless ``allow_empty`` (then "" is returned: "not configured")."""
     p = Path(path).expanduser()
-    where = f"{what} file {p}"
+    where = f"{p} ({what})"
     try:
         # O_NONBLOCK: a FIFO must not hang the caller; fstat below rejects it anyway.
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -101,7 +101,7 @@ def secret_from_env(name: str, environ: Mapping[str, str] | None = None, *, what
     value = env.get(name, "")
     if not value.strip():
         return None
-    secret = check_secret(value, f"{what} in environment variable {name}")
+    secret = check_secret(value, f"environment variable {name} ({what})")
     register_secret(secret)
     return secret
 

@@ -52,6 +52,7 @@ class Message:
     via: str = "api"  # api | webhook
     edits: list[dict[str, Any]] = field(default_factory=list)  # earlier versions, oldest first
     files: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[dict[str, Any]] | None = None  # legacy attachments (what Alertmanager sends)
 
 
 class SlackServer:
@@ -250,13 +251,13 @@ class SlackServer:
             payload = json.loads(body or b"{}")
         except ValueError:
             return 400, "invalid_payload", {}
-        if not payload.get("text") and not payload.get("blocks"):
+        if not payload.get("text") and not payload.get("blocks") and not payload.get("attachments"):
             return 400, "no_text", {}
         if payload.get("blocks") is not None and not _blocks_ok(payload["blocks"]):
             return 400, "invalid_blocks", {}
         with self._lock:
             self.messages.append(Message(self.channel, self._next_ts(), payload.get("text", ""), payload.get("blocks"),
-                                         via="webhook"))
+                                         via="webhook", attachments=payload.get("attachments")))
         return 200, "ok", {}
 
     # Web API methods -----------------------------------------------------------------------------
