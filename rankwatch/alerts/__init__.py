@@ -85,6 +85,7 @@ class AlertSink:
         self._backlog: deque[Event] = deque()
         self._outbox_lock = threading.Lock()  # opening the outbox and recording the backlog
         self._outage: str | None = None  # why the outbox cannot be used, while it cannot
+        self._next_try = 0.0  # monotonic time of the next attempt during an outage
         self._limiters = {name: _RateLimiter(cfg.notify.max_per_minute,
                                              cfg.notify.min_interval_s if name == "slack" else 0.0)
                           for name in self.targets}
@@ -115,9 +116,13 @@ class AlertSink:
             log.info("alerting: %d notification(s) were being sent when the last process stopped; "
                      "checking whether they arrived before sending them again", n)
 
-    def _ensure_outbox(self) -> bool:
+    def _ensure_outbox(self, *, force: bool = False) -> bool:
         """Open the outbox if it is not open yet; record the events waiting in memory. False
-        while it cannot be used (warned once per outage)."""
+        while it cannot be used (warned once per outage). During an outage it is tried again
+        at most every ``retry_interval_s`` (each try may wait ``LOCK_WAIT_S`` on the lock), so a
+        detector publishing every cycle is not slowed down by each one."""
+        if self._outage is not None and not force and time.monotonic() < self._next_try:
+            return False
         with self._outbox_lock:
             try:
                 if self.outbox is None:
@@ -135,6 +140,7 @@ class AlertSink:
                     log.warning("alerting: cannot write the outbox (%s); events wait in memory and notifications "
                                 "are delayed until it can be written", why)
                 self._outage = why
+                self._next_try = time.monotonic() + min(self.cfg.notify.retry_interval_s, 30.0)
                 return False
             self._outage = None
             return True
@@ -176,7 +182,7 @@ class AlertSink:
         self._wake_all()
         for t in self._threads:
             t.join(timeout=60)
-        if not self._ensure_outbox() or self.outbox is None or self.lifecycle is None:
+        if not self._ensure_outbox(force=True) or self.outbox is None or self.lifecycle is None:
             log.error("alerting: %d event(s) could not be recorded in the outbox (%s): their notifications are "
                       "dropped", len(self._backlog), self._outage)
             self._close_targets()
@@ -211,6 +217,7 @@ class AlertSink:
         """Deliver everything due now, waiting for rate limits and retries up to ``timeout``.
         Returns the number of rows still pending."""
         deadline = time.monotonic() + timeout
+        self._ensure_outbox(force=True)
         while True:
             self.deliver_due()
             if self.outbox is None:
