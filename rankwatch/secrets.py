@@ -68,6 +68,8 @@ def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret", allo
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise SecretError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError:  # a NUL byte in the path
+        raise SecretError(f"cannot read {where!r}: the path holds a NUL byte") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SecretError(f"{where} is not a regular file")
