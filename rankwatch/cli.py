@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from rankwatch.secrets import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no loaded secret reaches stderr, whoever logs it
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
