@@ -54,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from rankwatch.secrets import RedactingFilter
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())  # no loaded secret reaches stderr, whoever logs it
+    for handler in logging.getLogger().handlers:  # no loaded secret reaches stderr, whoever logs it
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
