@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.alerts.cli",
     "rankwatch.dashboards.cli",
     "rankwatch.sim.cli",
+    "rankwatch.gpucheck.cli",
     "rankwatch.demo",
 )
 
