@@ -129,11 +129,13 @@ class AlertSink:
                     self._open_outbox()
                 if self._backlog:
                     assert self.lifecycle is not None
-                    self._queue_event_scores(self.lifecycle.ingest(list(self._backlog)))
+                    batch = list(self._backlog)
+                    self._queue_event_scores(self.lifecycle.ingest(batch))
+                    for _ in batch:  # publish() may have appended more meanwhile: keep those
+                        self._backlog.popleft()
                     if self._outage:
                         log.warning("alerting: the outbox can be used again; recorded %d event(s) kept in memory",
-                                    len(self._backlog))
-                    self._backlog.clear()
+                                    len(batch))
             except (OutboxUnavailable, sqlite3.OperationalError) as exc:
                 why = str(exc) if isinstance(exc, OutboxUnavailable) else f"{self.state_dir / OUTBOX_FILE}: {exc}"
                 if self._outage is None:
@@ -183,9 +185,12 @@ class AlertSink:
         for t in self._threads:
             t.join(timeout=60)
         if not self._ensure_outbox(force=True) or self.outbox is None or self.lifecycle is None:
-            log.error("alerting: %d event(s) could not be recorded in the outbox (%s): their notifications are "
-                      "dropped", len(self._backlog), self._outage)
+            if self._backlog:
+                log.error("alerting: %d event(s) could not be recorded in the outbox (%s): their notifications are "
+                          "dropped", len(self._backlog), self._outage)
             self._close_targets()
+            if self.outbox is not None:
+                self.outbox.close()
             return
         try:
             self.lifecycle.release_held()
@@ -357,13 +362,20 @@ class AlertSink:
 
     def _loop(self, name: str) -> None:
         wake = self._wakes[name]
+        busy = False
         while not self._stop.is_set():
             nxt = None
             try:
                 self.deliver_due([name])
                 nxt = self.outbox.next_due_time([name]) if self.outbox is not None else None
+                if busy:
+                    log.info("alerting: %s delivery: the outbox can be used again", name)
+                busy = False
             except sqlite3.OperationalError as exc:  # locked by another process: bounded wait, next pass
-                log.warning("alerting: %s delivery pass: outbox busy (%s); trying again", name, exc)
+                if not busy:
+                    log.warning("alerting: %s delivery paused: outbox busy (%s); trying again every %g s", name, exc,
+                                self.cfg.notify.retry_interval_s)
+                busy = True
             except Exception:  # keep the thread alive (e.g. a transient SQLite error)
                 log.error("alerting: %s delivery pass failed:\n%s", name, redact(traceback.format_exc()))
             timeout = self.cfg.notify.retry_interval_s

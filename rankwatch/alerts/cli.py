@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import tempfile
 import time
@@ -165,10 +166,14 @@ def _flush(args: argparse.Namespace) -> int:
     if not sink.targets and not stuck:
         print("rankwatch: no notification target is configured (set SLACK_BOT_TOKEN / SLACK_WEBHOOK_URL, "
               "[wandb] or [alertmanager]): nothing can be delivered", file=sys.stderr)
-    sink.lifecycle.release_held()
-    left = sink.flush(timeout=args.timeout) if sink.targets else sink.outbox.counts().get("pending", 0)
-    counts = sink.outbox.counts()
-    sink.close()
+    try:
+        sink.lifecycle.release_held()
+        left = sink.flush(timeout=args.timeout) if sink.targets else sink.outbox.counts().get("pending", 0)
+        counts = sink.outbox.counts()
+    except sqlite3.OperationalError as exc:  # another process took the lock meanwhile
+        raise RankwatchError(f"{sink.outbox.path}: {exc}; nothing more delivered") from None
+    finally:
+        sink.close()
     print(json.dumps(counts, sort_keys=True))
     if not sink.targets:
         return 2
