@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,6 @@ from rankwatch.events import Event
 from rankwatch.sim.slack import SlackServer
 
 T0 = 1_790_000_000.0
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackServer]:
-    server = SlackServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ev(rank: int, state: str = "firing", t: float = T0, run: str = "r1") -> Event:

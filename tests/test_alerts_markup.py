@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 import yaml
 
@@ -27,13 +26,6 @@ PING = "<!channel>"
 LINK = "<https://evil.example|click here>"
 RUN = f"{PING} llama & co"
 NODE = LINK
-
-
-@pytest.fixture
-def slack() -> SlackServer:
-    server = SlackServer().start()
-    yield server
-    server.stop()
 
 
 def hostile(state: str = "firing", t: float = T0, rank: int = 5) -> Event:

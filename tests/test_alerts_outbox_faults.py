@@ -24,13 +24,6 @@ from rankwatch.sim.training import Fault, Layout
 T0 = 1_790_000_000.0
 
 
-@pytest.fixture
-def slack() -> SlackServer:
-    server = SlackServer().start()
-    yield server
-    server.stop()
-
-
 def ev(rank: int, state: str = "firing", t: float = T0) -> Event:
     return Event(time=t, kind="straggler", state=state, run="r1", rank=rank, node="node-000", gpu=str(rank % 8),
                  score=7.5, summary=f"Rank {rank} computes 20 % slower.", evidence={"slowdown": 0.2},

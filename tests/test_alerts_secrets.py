@@ -25,13 +25,6 @@ from rankwatch.sim.slack import SlackServer
 SECOND_LINE = "xoxb-second-line-of-the-token-file"
 
 
-@pytest.fixture
-def slack() -> SlackServer:
-    server = SlackServer().start()
-    yield server
-    server.stop()
-
-
 def _config(path: Path, slack: SlackServer, token_file: Path) -> Path:
     path.write_text(f"""
 [slack]
