@@ -105,6 +105,24 @@ def test_slow_slack_through_two_flush_commands(tmp_path: Path, slack: SlackServe
     capsys.readouterr()
 
 
+def test_token_that_cannot_read_history_posts_again_rather_than_never(tmp_path: Path, slack: SlackServer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # Without the channels:history scope the lookup can never answer: at least once, said so.
+    sink = AlertSink(load_alerting_config(slack_doc(slack), environ={"SLACK_BOT_TOKEN": slack.token}),
+                     state_dir=tmp_path / "state", start_thread=False)
+    slack.hold(lambda path: path.endswith("chat.postMessage"))
+    sink.publish([ev(9)])
+    sink.deliver_due()
+    assert sink.outbox.rows()[0].unsure
+    slack.release()
+    slack.fail_next(1, 200, error="missing_scope", match=lambda path: path.endswith("conversations.history"))
+    caplog.set_level(logging.WARNING, logger="rankwatch.alerts")
+    assert sink.flush(timeout=60) == 0
+    sink.close()
+    assert len(posts(slack)) == 2
+    assert any("missing_scope" in r.getMessage() and "may post it twice" in r.getMessage() for r in caplog.records)
+
+
 def test_retry_after_holds_across_flush_and_close(tmp_path: Path, slack: SlackServer,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """release_held() (run by every close and at the start of `alerts flush`) used to reset

@@ -288,8 +288,13 @@ class AlertSink:
             try:
                 found = target.find_posted(row.key, row.sending_wall or row.created_wall, thread_ts=thread_ts)
             except DeliveryError as exc:
-                self._failed(row, f"cannot tell whether the last attempt arrived: {exc}", exc.retry_after, unsure=True)
-                return "failed"
+                if not exc.permanent:
+                    self._failed(row, f"cannot tell whether the last attempt arrived: {exc}", exc.retry_after,
+                                 unsure=True)
+                    return "failed"
+                log.warning("alerting: %s: %s; sending %s again, which may post it twice", row.target,
+                            redact(str(exc)), row.key)
+                found = None
             if found is not None:
                 self.outbox.mark_delivered(row.id, self.clock(), found)
                 if not target.per_episode:

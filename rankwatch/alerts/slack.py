@@ -45,6 +45,9 @@ PERMANENT_API_ERRORS = frozenset({
     "invalid_blocks", "invalid_blocks_format", "msg_too_long", "no_text", "too_many_attachments",
     "invalid_metadata_format", "invalid_metadata_schema", "metadata_too_large", "invalid_arguments",
 })
+# conversations.history / .replies answers meaning "this token can never read it".
+HISTORY_UNREADABLE = frozenset({"missing_scope", "not_allowed_token_type", "no_permission", "not_in_channel",
+                                "method_not_supported_for_channel_type"})
 # Raised after the request went out: it may have been processed.
 _MAYBE_SENT = (TimeoutError, ConnectionResetError, RemoteDisconnected, ConnectionAbortedError, BrokenPipeError)
 
@@ -188,7 +191,11 @@ class SlackNotifier:
                 resp = self.web.conversations_history(channel=channel, oldest=f"{since - 60:.6f}",
                                                       include_all_metadata=True, limit=200)
         except SlackApiError as exc:
-            raise DeliveryError(f"cannot check Slack history: {_api_error(exc)}") from None
+            code = exc.response.get("error") if exc.response is not None else None
+            # A token without channels:history can never look: say so, and let the sink post
+            # again (at least once) rather than hold the notification for ever.
+            raise DeliveryError(f"cannot check Slack history: {_api_error(exc)}",
+                                permanent=code in HISTORY_UNREADABLE) from None
         except (SlackClientError, OSError) as exc:
             raise DeliveryError(f"cannot check Slack history: {type(exc).__name__}") from None
         for m in resp.get("messages", []):

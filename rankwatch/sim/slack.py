@@ -129,10 +129,12 @@ class SlackServer:
     # -- fault injection ---------------------------------------------------------------------
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None,
-                  match: Callable[[str], bool] | None = None) -> None:
-        """Answer the next ``n`` matching requests (by path) with ``status`` (429 adds Retry-After)."""
+                  match: Callable[[str], bool] | None = None, error: str | None = None) -> None:
+        """Answer the next ``n`` matching requests (by path) with ``status`` (429 adds Retry-After);
+        Web API calls get ``{"ok": false, "error": error}`` (default by status), e.g.
+        ``fail_next(1, 200, error="missing_scope")``."""
         with self._lock:
-            self._faults.append([n, status, retry_after, match or (lambda _p: True)])
+            self._faults.append([n, status, retry_after, match or (lambda _p: True), error])
 
     def fail_always(self, status: int = 500) -> None:
         self.fail_next(10**9, status)
@@ -208,7 +210,7 @@ class SlackServer:
 
     def _fault_for(self, path: str) -> tuple[int | None, Any, dict[str, str]]:
         with self._lock:
-            for i, (left, status, retry_after, match) in enumerate(self._faults):
+            for i, (left, status, retry_after, match, error) in enumerate(self._faults):
                 if match(path):
                     if left <= 1:
                         del self._faults[i]
@@ -217,7 +219,7 @@ class SlackServer:
                     headers = {"Retry-After": str(int(retry_after if retry_after is not None else 1))} if status == 429 else {}
                     body: Any = "rate_limited" if status == 429 else "internal_error"
                     if path.startswith("/api/"):
-                        body = {"ok": False, "error": "ratelimited" if status == 429 else "internal_error"}
+                        body = {"ok": False, "error": error or ("ratelimited" if status == 429 else "internal_error")}
                     return status, body, headers
         return None, None, {}
 
