@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv test lint demo dashboards bench gpu-check clean
+.PHONY: all setup system-deps venv test lint demo dashboards docs bench gpu-check clean
 
 all: test
 
@@ -51,6 +51,9 @@ demo: setup
 dashboards: venv
 	$(PY) -m rankwatch dashboards generate --out dashboards --kubernetes-out deploy/kubernetes/base/generated
 
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
 # On a GPU machine, its own Python (torch on CUDA) runs the check; elsewhere the project's venv,
 # which says at once that there is no GPU.
 gpu-check:
@@ -62,4 +65,4 @@ bench: setup
 	@echo "see BENCHMARKS.md for each benchmark's command"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report site
