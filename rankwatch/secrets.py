@@ -2,7 +2,7 @@
 
 Every secret rankwatch reads (Slack bot token and webhook URL, Grafana token, the detector's
 bearer token and basic-auth password) comes through ``read_secret_file`` or ``secret_from_env``:
-one line of printable characters, at most ``MAX_SECRET_BYTES``. Anything else (a second line, a
+one line of printable ASCII (header-safe), at most ``MAX_SECRET_BYTES``. Anything else (a second line, a
 control character, binary data, a directory, a FIFO, a huge file such as a log) is a
 ``SecretError`` that names the file or variable and never shows what is in it: a token file
 with a stray second line used to put the whole token into HTTP header errors, and
@@ -29,7 +29,8 @@ from rankwatch.errors import ConfigError
 __all__ = ["MAX_SECRET_BYTES", "REDACTED", "RedactingFilter", "SecretError", "check_secret", "read_secret_file",
            "redact", "register_secret", "secret_from_env"]
 
-MAX_SECRET_BYTES = 8192  # Slack tokens are ~60 bytes, JWTs a few kB; a larger file is not a secret
+# Far above any token (Slack's are < 100 bytes, JWTs a few kB); stops /dev/zero and log files.
+MAX_SECRET_BYTES = 16 * 1024
 REDACTED = "[REDACTED]"
 # Shorter values would redact ordinary words out of every message; no real token is this short.
 MIN_REDACT_LEN = 6
@@ -43,36 +44,42 @@ class SecretError(ConfigError):
     The message names the file or variable, never the content."""
 
 
-def check_secret(value: str, where: str) -> str:
-    """``value`` without surrounding whitespace, if it is one line of printable characters.
-    ``where`` names its origin for the error ("/run/secrets/x (Grafana token)")."""
-    text = value.strip()
-    if not text:
-        raise SecretError(f"{where} is empty")
+def check_secret(value: str, where: str, what: str | None = None) -> str:
+    """``value`` as a header-safe secret: the final newline and surrounding spaces removed, then
+    one line of printable ASCII, registered for ``redact``. Else a SecretError naming ``where``
+    ("file /run/secrets/x", "environment variable X") and ``what`` ("bearer token"), never the
+    value."""
+    label = f"{where} ({what})" if what else where
+    text = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    text = text.strip(" ")
+    if not text.strip():
+        raise SecretError(f"{label} is empty")
     if "\n" in text or "\r" in text:
-        raise SecretError(f"{where} holds more than one line; a secret must be one line "
+        n = len(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+        raise SecretError(f"{label} holds more than one line ({n} lines); a secret must be one line "
                           "(content not shown)")
-    if not text.isprintable():
-        raise SecretError(f"{where} holds control or non-printable characters (content not shown)")
+    if not all(" " <= c <= "~" for c in text):
+        raise SecretError(f"{label} holds control, non-ASCII or non-printable characters (content not shown)")
+    register_secret(text)
     return text
 
 
-def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret", allow_empty: bool = False) -> str:
+def read_secret_file(path: str | os.PathLike[str], what: str = "secret", *, allow_empty: bool = False) -> str:
     """The secret in ``path`` (one line; surrounding whitespace and the final newline removed),
     registered for ``redact``. Raises SecretError naming the file; an empty file is an error
     unless ``allow_empty`` (then "" is returned: "not configured")."""
     p = Path(path).expanduser()
-    where = f"{p} ({what})"
+    where = f"file {p}"
     try:
         # O_NONBLOCK: a FIFO must not hang the caller; fstat below rejects it anyway.
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise SecretError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+        raise SecretError(f"cannot read {where} ({what}): {exc.strerror or type(exc).__name__}") from None
     except ValueError:  # a NUL byte in the path
-        raise SecretError(f"cannot read {where!r}: the path holds a NUL byte") from None
+        raise SecretError(f"cannot read {where!r} ({what}): the path holds a NUL byte") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SecretError(f"{where} is not a regular file")
+            raise SecretError(f"{where} ({what}) is not a regular file")
         data = b""
         while len(data) <= MAX_SECRET_BYTES:
             chunk = os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
@@ -80,20 +87,18 @@ def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret", allo
                 break
             data += chunk
     except OSError as exc:
-        raise SecretError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+        raise SecretError(f"cannot read {where} ({what}): {exc.strerror or type(exc).__name__}") from None
     finally:
         os.close(fd)
     if len(data) > MAX_SECRET_BYTES:
-        raise SecretError(f"{where} is larger than {MAX_SECRET_BYTES} bytes: not a secret (content not shown)")
+        raise SecretError(f"{where} ({what}) is larger than {MAX_SECRET_BYTES} bytes: not a secret (content not shown)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SecretError(f"{where} is not UTF-8 text (content not shown)") from None
+        raise SecretError(f"{where} ({what}) is not UTF-8 text (content not shown)") from None
     if allow_empty and not text.strip():
         return ""
-    secret = check_secret(text, where)
-    register_secret(secret)
-    return secret
+    return check_secret(text, where, what)
 
 
 def secret_from_env(name: str, environ: Mapping[str, str] | None = None, *, what: str = "secret") -> str | None:
@@ -103,9 +108,7 @@ def secret_from_env(name: str, environ: Mapping[str, str] | None = None, *, what
     value = env.get(name, "")
     if not value.strip():
         return None
-    secret = check_secret(value, f"environment variable {name} ({what})")
-    register_secret(secret)
-    return secret
+    return check_secret(value, f"environment variable {name}", what)
 
 
 def register_secret(value: str) -> None:

@@ -66,7 +66,7 @@ def test_token_file_with_two_lines_is_refused_and_never_shown(
     main(["alerts", "flush", "--config", str(cfg), "--state-dir", str(state)])
     main(["alerts", "outbox", "--state-dir", str(state)])
     seen = _everything_written(capsys, caplog, state)
-    assert f"{token_file} (slack.bot_token_file) holds more than one line" in seen
+    assert f"file {token_file} (slack.bot_token_file) holds more than one line" in seen
     assert slack.token not in seen and SECOND_LINE not in seen
     assert not slack.calls(ok_only=False), "nothing may be sent with a malformed token"
 
@@ -92,7 +92,9 @@ def test_a_system_file_named_as_token_is_refused_without_its_content(
     (b"tok\ten-secret-value", "non-printable"),
     (b"secret-value-one\r\nsecret-value-two", "more than one line"),
     (b"\xff\xfe secret-value", "not UTF-8"),
-    (b"x" * 9000, "larger than"),
+    (b"\n\nsecret-value-first-line\n", "more than one line"),
+    (b"x" * 20000, "larger than"),
+    ("sécret-value".encode(), "non-ASCII"),
 ])
 def test_secret_file_problems_name_the_file_not_the_content(tmp_path: Path, content: bytes, problem: str) -> None:
     path = tmp_path / "secret"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class RecordedRequest:
     params: dict[str, Any]  # merged query string, form fields and JSON body
     status: int  # what the server answered
     time: float = field(default_factory=time.time)
+    error: str | None = None  # the Web API's "error" when it answered ok: false
 
     @property
     def api_method(self) -> str | None:
@@ -66,7 +68,7 @@ class SlackServer:
         self.requests: list[RecordedRequest] = []
         self.messages: list[Message] = []
         self.uploads: dict[str, dict[str, Any]] = {}
-        # [remaining count, status, retry_after, path predicate]
+        # [remaining count, status, retry_after, path predicate, Web API error code]
         self._faults: list[list[Any]] = []
         self._holds: list[Callable[[str], bool]] = []
         self._released = threading.Event()
@@ -74,6 +76,9 @@ class SlackServer:
         self._ts = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Called (in the request's thread) after every request has been recorded and answered:
+        # `rankwatch sim slack` rewrites its --dump file there.
+        self.on_request: Callable[[RecordedRequest], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -193,8 +198,10 @@ class SlackServer:
         status, payload, extra_headers = self._fault_for(parsed.path)
         if status is None:
             status, payload, extra_headers = self._route(parsed.path, params, headers, body)
+        error = payload.get("error") if isinstance(payload, dict) and not payload.get("ok", True) else None
+        rec = RecordedRequest(h.command, parsed.path, headers, body, params, status, error=error)
         with self._lock:
-            self.requests.append(RecordedRequest(h.command, parsed.path, headers, body, params, status))
+            self.requests.append(rec)
             held = any(match(parsed.path) for match in self._holds)
         if held:
             self._released.wait()
@@ -207,6 +214,8 @@ class SlackServer:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+        if self.on_request is not None:
+            self.on_request(rec)
 
     def _fault_for(self, path: str) -> tuple[int | None, Any, dict[str, str]]:
         with self._lock:
@@ -388,3 +397,14 @@ def _blocks_ok(blocks: Any) -> bool:
         if t == "context" and len(b.get("elements") or []) > 10:
             return False
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rankwatch.sim.slack …`` is ``rankwatch sim slack …``."""
+    from rankwatch.cli import main as rankwatch_main
+
+    return rankwatch_main(["sim", "slack", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
