@@ -12,9 +12,12 @@ order the collector inserted them. Its output parses with
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -79,6 +82,7 @@ class Renderer:
     def __init__(self, max_label_sets: int = 50_000) -> None:
         self._labels: dict[tuple[tuple[str, str], ...], str] = {}
         self._max = max_label_sets
+        self._warned = False
 
     def _labels_text(self, labels: dict[str, str]) -> str:
         key = tuple(labels.items())
@@ -107,7 +111,18 @@ class Renderer:
                     append(f"{sample.name}{{{labels_text(sample.labels)}}} {value}\n")
                 else:
                     append(f"{sample.name} {value}\n")
-        return "".join(out).encode("utf-8")
+        text = "".join(out)
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A string that is not text (a file name os.listdir() decoded with surrogates)
+            # reached a label or HELP: collectors check their names, so this is a bug, and it
+            # must cost that one character, not every series of the scrape.
+            if not self._warned:
+                self._warned = True
+                log.error("exposition: a label value or HELP text is not UTF-8 text (%s); its bad "
+                          "characters are served as '?'", exc.reason)
+            return text.encode("utf-8", "replace")
 
 
 _DEFAULT = Renderer()
