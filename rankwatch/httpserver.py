@@ -60,6 +60,10 @@ class Limits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
 
+# The simulated Slack and Grafana: a test may hold a few slow requests open at once.
+SIM_LIMITS = Limits(workers=8)
+
+
 class _Conn:
     __slots__ = ("sock", "addr", "buf", "since", "deadline")
 
@@ -357,6 +361,8 @@ class HttpServer:
         now = time.monotonic()
         for conn in returned:
             conn.since, conn.deadline = now, now + self.limits.idle_timeout
+            while conn.buf[:1] in (b"\r", b"\n"):
+                del conn.buf[:1]
             if conn.buf:  # a pipelined request already arrived
                 conn.deadline = now + self.limits.request_timeout
                 if self._head_complete(conn.buf):
@@ -375,7 +381,12 @@ class HttpServer:
         if not data:
             self._drop(conn)
             return
-        if not conn.buf:  # the request's first byte: its deadline starts now
+        if not conn.buf:
+            # RFC 9112 2.2: ignore empty lines before a request (some clients send CRLF after
+            # a POST body); then the request's first byte starts its deadline.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
             conn.since = time.monotonic()
             conn.deadline = conn.since + self.limits.request_timeout
         conn.buf += data

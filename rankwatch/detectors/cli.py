@@ -20,7 +20,9 @@ from rankwatch.errors import ConfigError
 
 log = logging.getLogger("rankwatch.detector")
 
-DEFAULT_LISTEN = "0.0.0.0:9415"
+# Only Prometheus reads the detector's /metrics and /healthz: loopback unless a deployment
+# says otherwise (compose, Kubernetes and the systemd unit pass the address they need).
+DEFAULT_LISTEN = "127.0.0.1:9415"
 DEFAULT_STATE_DB = "rankwatch-detector.sqlite"
 ENV_URL = "RANKWATCH_PROMETHEUS_URL"
 
@@ -69,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state-db", default=DEFAULT_STATE_DB, metavar="FILE",
                    help=f"SQLite file for episodes and baselines ({DEFAULT_STATE_DB})")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address of /metrics and /healthz ({DEFAULT_LISTEN})")
+                   help=f"address of /metrics and /healthz ({DEFAULT_LISTEN}: this host only; "
+                        "0.0.0.0:9415 when Prometheus scrapes it from another host or container)")
     p.add_argument("--query-delay", type=float, default=2.0, metavar="S",
                    help="evaluate data time t at wall time t + S so its scrapes have landed (2; raise for "
                         "remote-write stores such as AMP)")

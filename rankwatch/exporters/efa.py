@@ -44,6 +44,8 @@ from typing import Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
+from rankwatch.exporters.exposition import label_text
+
 log = logging.getLogger(__name__)
 
 EFA_PCI_VENDOR = 0x1D0F
@@ -114,11 +116,6 @@ def valid_device_name(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def label_text(value: str) -> str:
-    """A value read from sysfs (a PCI address from a link target, say) as valid UTF-8."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,20 @@ _TYPE_WORD = {
 }
 
 
+def label_text(value: str) -> str:
+    """``value`` as text that can be a label value: undecodable bytes (os.listdir() and
+    os.environ hand them over as lone surrogates) become U+FFFD."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (made in Python, not read)
+        return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _escape_help(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
 

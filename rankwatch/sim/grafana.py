@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from rankwatch.httpserver import SIM_LIMITS, HttpServer
 
 
 class FakeGrafana:
@@ -22,22 +24,21 @@ class FakeGrafana:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status): no headers, no token
         self._lock = threading.Lock()
         self._ids = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._handler_class = self._handler()
+        self._server: HttpServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._server is not None, "use FakeGrafana as a context manager"
+        return self._server.url
 
     def __enter__(self) -> FakeGrafana:
-        self._thread.start()
+        self._server = HttpServer("127.0.0.1", 0, self._handler_class, limits=SIM_LIMITS, name="rankwatch-sim-grafana")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._server is not None:
+            self._server.stop()
 
     def edit_in_ui(self, uid: str) -> None:
         """What a user saving the dashboard in the Grafana UI does: a new version."""

@@ -19,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from rankwatch.httpserver import SIM_LIMITS, HttpServer
 
 
 @dataclass
@@ -67,8 +69,7 @@ class SlackServer:
         self._faults: list[list[Any]] = []
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,20 +86,13 @@ class SlackServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-sim", daemon=True)
-        self._thread.start()
+        self._server = HttpServer(self._host, self._port, Handler, limits=SIM_LIMITS, name="rankwatch-sim-slack")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def __enter__(self) -> SlackServer:
         return self.start()
