@@ -99,6 +99,7 @@ LIFESPAN_HELP = ("Milliseconds the kernel caches a hw_counters group before it a
                  "again (hw_counters/lifespan; a setting, not a counter).")
 
 _NAME_OK = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_RESERVED = frozenset({"info"})  # node_amazonefa_info is the identity family
 _PORT_OK = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²"
 # C0/C1 control characters: legal in a label value, but no kernel device name holds them.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -278,8 +279,9 @@ class _CounterReader:
         keep = True
         try:
             for name in os.listdir(dfd):
-                if not _NAME_OK.fullmatch(name):
-                    # No kernel attribute is named so; it cannot be a metric name either.
+                if not _NAME_OK.fullmatch(name) or name in _RESERVED:
+                    # No kernel attribute is named so; it cannot be a metric name either (or
+                    # would be a second family under the name of one of ours).
                     result.errors.append(("name", path + "/" + name, "not a counter name"))
                     keep = False  # look again next scrape (and count it again)
                     continue
@@ -692,9 +694,12 @@ class EfaCollector:
             families.append(fam)
         if lifespan.samples:
             families.append(lifespan)
+        used = {f.name for f in families} | {PREFIX + "lifespan"}
         for name in _ordered(device_values, DEVICE_COUNTER_HELP):
             # never mix label sets in one family: a device counter named like a port counter
             fam_name = PREFIX + ("device_" + name if name in port_values else name)
+            if fam_name in used:  # only a tree no kernel writes gets here (port file device_<x>)
+                continue
             fam = Metric(fam_name, DEVICE_COUNTER_HELP.get(name, f"EFA device counter {name} from sysfs hw_counters."),
                          "counter")
             fam.samples = [Sample(fam_name, labels, value) for labels, value in device_values[name]]

@@ -632,7 +632,7 @@ class ProbeCollector(Collector):
         info = p.identity.info_labels()
         g = GaugeMetricFamily("rankwatch_rank_info", "Identity of this training rank (value 1)",
                               labels=base + list(info))
-        g.add_metric(lv + list(info.values()), 1.0)
+        g.add_metric(lv + [label_text(str(v)) for v in info.values()], 1.0)
         yield g
         c = CounterMetricFamily("rankwatch_steps_total", "Completed training steps", labels=base)
         c.add_metric(lv, t.steps)
@@ -646,7 +646,14 @@ class ProbeCollector(Collector):
                                    labels=base + ["section"])
         cnt = CounterMetricFamily("rankwatch_section_count_total", "Completed sections",
                                   labels=base + ["section"])
-        for name, (s, n) in sorted(t.sections.items()):
+        sections: dict[str, tuple[float, int]] = {}
+        for name, (s, n) in t.sections.items():
+            # a section name is a label value: text only (two names differing only in bytes
+            # that are not text are summed rather than served as one series twice)
+            key = label_text(name)
+            old = sections.get(key, (0.0, 0))
+            sections[key] = (old[0] + s, old[1] + n)
+        for name, (s, n) in sorted(sections.items()):
             secs.add_metric(lv + [name], s)
             cnt.add_metric(lv + [name], n)
         yield secs
