@@ -169,3 +169,12 @@ def test_a_counter_file_named_like_an_own_family_is_not_a_second_family(tmp_path
         assert_valid_exposition(Renderer().render(c.collect()))
     finally:
         c.close()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.integers(0, 2**53 - 1), st.integers(0, 10**7)))
+def test_a_counter_read_as_an_int_renders_as_its_float_would(n: int) -> None:
+    """The renderer's int shortcut (EFA counters) writes exactly what the float path writes."""
+    from rankwatch.exporters.exposition import _value_text
+
+    assert _value_text(n) == _value_text(float(n))

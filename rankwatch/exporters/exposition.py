@@ -69,9 +69,19 @@ def _header_name(family: Metric) -> str:
 _SPECIAL = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
 
 
+_EXACT = 2**53  # ints below it are exact floats, and str() spells their digits as repr() would
+
+
 def _value_text(value: float) -> str:
     # prometheus_client's floatToGoString, inlined: most of a scrape's samples go through
     # here, and its three comparisons before repr() cost more than repr() itself.
+    if type(value) is int and 0 <= value < _EXACT:
+        # Counters read from sysfs: the same text without float() and repr()'s shortest-digits
+        # search, a third of this function's cost on an EFA scrape.
+        s = str(value)
+        if len(s) <= 6:
+            return s + ".0"
+        return f"{(s[0] + '.' + s[1:]).rstrip('0.')}e+{len(s) - 1:02d}"
     d = float(value)
     s = repr(d)
     dot = s.find(".")
@@ -113,6 +123,12 @@ class Renderer:
         out: list[str] = []
         append = out.append
         labels_text = self._labels_text
+        # Collectors share one label dict between the samples of a device or GPU (an EFA port
+        # has 22 counters): within one render, the dict's id finds its text without building
+        # and hashing a tuple again. Safe because every sample, so every dict, stays alive
+        # until the render ends.
+        by_id: dict[int, str] = {}
+        families = list(families)
         for family in families:
             name = _header_name(family)
             append(f"# HELP {name} {_escape_help(family.documentation)}\n"
@@ -121,8 +137,12 @@ class Renderer:
                 value = _value_text(sample.value)
                 if sample.timestamp is not None:
                     value = f"{value} {int(float(sample.timestamp) * 1000):d}"
-                if sample.labels:
-                    append(f"{sample.name}{{{labels_text(sample.labels)}}} {value}\n")
+                labels = sample.labels
+                if labels:
+                    text = by_id.get(id(labels))
+                    if text is None:
+                        text = by_id[id(labels)] = labels_text(labels)
+                    append(f"{sample.name}{{{text}}} {value}\n")
                 else:
                     append(f"{sample.name} {value}\n")
         text = "".join(out)
