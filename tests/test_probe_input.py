@@ -163,3 +163,18 @@ def test_a_label_value_that_is_not_text_does_not_break_the_scrape(monkeypatch: p
         assert 'node="node-\ufffd"' in text and 'run="run-\ufffd"' in text
     finally:
         p.close()
+
+
+def test_the_listen_address_can_be_narrowed_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANKWATCH_PROBE_ADDR", "127.0.0.1")
+    p = Probe(run="addr", port=promserver.free_port(), identity=IDENT, wandb_run=None)
+    try:
+        assert p._httpd is not None and p._httpd.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        p.close()
+    monkeypatch.delenv("RANKWATCH_PROBE_ADDR")
+    p = Probe(run="addr", port=promserver.free_port(), identity=IDENT, wandb_run=None)
+    try:
+        assert p._httpd is not None and p._httpd.socket.getsockname()[0] == "0.0.0.0"  # the default
+    finally:
+        p.close()

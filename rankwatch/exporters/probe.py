@@ -151,6 +151,7 @@ class Probe:
 
     ``run``: training run id (label ``run``). ``port``: where to serve; default
     ``$RANKWATCH_PROBE_BASE_PORT`` (9420) + ``LOCAL_RANK``; ``0`` records without serving.
+    ``addr``: the address to listen on; default ``$RANKWATCH_PROBE_ADDR``, else ``0.0.0.0``.
     ``identity``: default :meth:`RankIdentity.from_env`. ``wandb_run``: a wandb run to report
     to; default: ``wandb.run`` on rank 0 if the script started one; ``None`` disables W&B.
     ``wandb_every``: steps between W&B reports. ``wandb_gather``: every ``wandb_every`` steps
@@ -160,7 +161,7 @@ class Probe:
     ``max_sections``: bound on distinct section names (each is a label value).
     """
 
-    def __init__(self, run: str, *, port: int | None = None, addr: str = "0.0.0.0",
+    def __init__(self, run: str, *, port: int | None = None, addr: str | None = None,
                  identity: RankIdentity | None = None, wandb_run: Any = AUTO, wandb_every: int = 100,
                  wandb_gather: bool = False, cuda_timing: bool | None = None, max_sections: int = 32) -> None:
         if not isinstance(run, str) or not run:
@@ -200,7 +201,9 @@ class Probe:
 
         self._httpd: HttpServer | None = None
         self.port: int | None = None
-        self._serve(self._resolve_port(port), addr)
+        # every interface by default (Prometheus scrapes from another host); RANKWATCH_PROBE_ADDR
+        # narrows it without touching the training script
+        self._serve(self._resolve_port(port), addr or os.environ.get("RANKWATCH_PROBE_ADDR") or "0.0.0.0")
 
         self._reporter: Any = None
         if wandb_run is not None or wandb_gather:
