@@ -21,7 +21,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.detectors.cli",
     "rankwatch.alerts.cli",
     "rankwatch.dashboards.cli",
+    "rankwatch.deploy.cli",
     "rankwatch.sim.cli",
+    "rankwatch.gpucheck.cli",
     "rankwatch.demo",
 )
 
