@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from rankwatch.daemonpool import DaemonPool
 
 log = logging.getLogger(__name__)
 
@@ -154,56 +154,6 @@ class _Writer:
         pass
 
 
-class _Pool:
-    """At most ``size`` daemon threads, started when work waits and none is free."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = size
-        self._name = name
-        self._queue: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._live = 0
-        self._idle = 0
-        self._queued = 0
-        self._closed = False
-
-    @property
-    def live(self) -> int:
-        return self._live
-
-    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
-        with self._lock:
-            self._queued += 1
-            if self._queued > self._idle and self._live < self._size and not self._closed:
-                self._live += 1
-                self._idle += 1
-                threading.Thread(target=self._work, name=f"{self._name}-worker-{self._live}", daemon=True).start()
-        self._queue.put((fn, arg))
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            with self._lock:
-                self._queued -= 1
-                self._idle -= 1
-            fn, arg = item
-            try:
-                fn(arg)
-            except Exception:  # the pool must outlive any one request
-                log.exception("HTTP worker failed")
-            with self._lock:
-                self._idle += 1
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            live = self._live
-        for _ in range(live):
-            self._queue.put(None)
-
-
 _LISTEN = object()
 _WAKE = object()
 
@@ -233,7 +183,7 @@ class HttpServer:
         self.server_address = sock.getsockname()
         self.port = int(self.server_address[1])
         self._name = name
-        self._pool = _Pool(limits.workers, name)
+        self._pool = DaemonPool(limits.workers, f"{name}-worker")
         self._sel = selectors.DefaultSelector()
         self._sel.register(sock, selectors.EVENT_READ, _LISTEN)
         self._wake_r, self._wake_w = os.pipe()

@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import resource
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
+from rankwatch.daemonpool import DaemonPool
 from rankwatch.exporters.exposition import label_text
 
 log = logging.getLogger(__name__)
@@ -379,71 +378,6 @@ def _identify(base: str) -> Any:
     return _Identity(pci_address, pci_device, node_guid)
 
 
-class _ReaderPool:
-    """Daemon worker threads for sysfs reads.
-
-    Not concurrent.futures.ThreadPoolExecutor: its threads are joined at interpreter exit, so
-    one read stuck in the kernel would keep the exporter from ever exiting. The pool grows by
-    one thread per stuck read (``grow``/``resize``) so that healthy devices always have a
-    worker; a worker whose stuck read finally returns leaves when the pool is over size.
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._name = name
-        self._base = size
-        self._target = size
-        self._live = 0
-        self._closed = False
-
-    def resize(self, extra: int) -> None:
-        """Keep ``extra`` threads beyond the base size (one per read known to be stuck)."""
-        with self._lock:
-            self._target = self._base + extra
-
-    def grow(self) -> None:
-        """Add a worker now: the queue has made no progress, a worker is probably stuck."""
-        with self._lock:
-            self._target += 1
-            self._start_workers()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        self._queue.put((fut, fn, args))
-        with self._lock:
-            self._start_workers()
-        return fut
-
-    def _start_workers(self) -> None:
-        while self._live < self._target and not self._closed:
-            self._live += 1
-            threading.Thread(target=self._work, name=f"{self._name}-{self._live}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as exc:  # handed to the waiting scrape
-                    fut.set_exception(exc)
-            with self._lock:
-                if self._live > self._target:  # a stuck read came back: shrink again
-                    self._live -= 1
-                    return
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            live = self._live
-        for _ in range(live):
-            self._queue.put(None)
-
-
 class _Batch:
     """The devices of one scrape, read one after another by whichever workers drain it."""
 
@@ -507,7 +441,7 @@ class EfaCollector:
         self.sysfs_path = os.fspath(sysfs_path)
         self.timeout = timeout
         self._class_dir = os.path.join(self.sysfs_path, "class", "infiniband")
-        self._pool = _ReaderPool(max(1, workers), "rankwatch-efa")
+        self._pool = DaemonPool(max(1, workers), "rankwatch-efa")
         self._lock = threading.Lock()
         self._lock_bugs = threading.Lock()
         self._identities: dict[str, _Identity | None] = {}

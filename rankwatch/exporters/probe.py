@@ -594,28 +594,24 @@ def _seconds(value: Any) -> float | None:
 def _count(value: Any) -> int | None:
     """A token count: a whole number >= 0 (an int, or a float / numpy / torch scalar holding
     one), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(v) if 0.0 <= v < math.inf and v == int(v) else None
+    return _whole(value, minimum=0)
 
 
 def _step_number(value: Any) -> int | None:
     """The loop's step number (a gauge: it may go back after a restart), if it is a whole number."""
+    return _whole(value, minimum=-math.inf)
+
+
+def _whole(value: Any, minimum: float) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
+        return value if value >= minimum else None
     try:
         v = float(value)
     except (TypeError, ValueError):
         return None
-    return int(v) if math.isfinite(v) and v == int(v) else None
+    return int(v) if math.isfinite(v) and v >= minimum and v == int(v) else None
 
 
 class ProbeCollector(Collector):
