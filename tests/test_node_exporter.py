@@ -317,3 +317,11 @@ def test_renderer_label_cache_stays_bounded_and_correct() -> None:
         fam.add_metric([f"j{job}", 'a"b'], float(job))
         assert renderer.render([fam]).decode().splitlines()[-1] == f'rw_test{{job="j{job}",quote="a\\"b"}} {job}.0'
         assert len(renderer._labels) <= 10
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_library_timeouts_must_be_finite_and_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        EfaCollector(SYSFS, timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        NodeExporter([FailingCollector()], "node-x", collector_timeout=timeout)

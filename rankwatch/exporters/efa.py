@@ -30,6 +30,7 @@ times cheaper than open/read/close, and sysfs regenerates an attribute read at o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import resource
@@ -436,8 +437,8 @@ class EfaCollector:
 
     def __init__(self, sysfs_path: str | os.PathLike[str] = "/sys", *, timeout: float = 1.0,
                  workers: int = 1) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN fails every comparison
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.sysfs_path = os.fspath(sysfs_path)
         self.timeout = timeout
         self._class_dir = os.path.join(self.sysfs_path, "class", "infiniband")

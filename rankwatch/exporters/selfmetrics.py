@@ -11,6 +11,7 @@ instead of starting a second call behind the first.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -45,6 +46,8 @@ class CollectorRunner:
         names = [c.name for c in collectors]
         if len(set(names)) != len(names):
             raise ValueError(f"collector names must be unique, got {names}")
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN fails every comparison
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.collectors = list(collectors)
         self.timeout = timeout
         # one daemon thread per collector (a call stuck in the kernel or driver must not keep
