@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from rankwatch.cliargs import DeprecatedAlias
+
 log = logging.getLogger(__name__)
 
 
@@ -32,19 +34,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push = sub.add_parser("push", help="create or update the dashboards through Grafana's HTTP API "
                           "(self-hosted or Amazon Managed Grafana)")
     push.add_argument("--grafana", default=os.environ.get("GRAFANA_URL"), required="GRAFANA_URL" not in os.environ,
-                      metavar="URL", help="Grafana base URL (env GRAFANA_URL)")
+                      metavar="URL", help="Grafana base URL (default: $GRAFANA_URL)")
     push.add_argument("--token-file", metavar="PATH",
                       help="file holding the service account token (else env GRAFANA_TOKEN or GRAFANA_TOKEN_FILE)")
     push.add_argument("--folder", default="rankwatch", help="folder title (default: rankwatch)")
     push.add_argument("--folder-uid", default="rankwatch", help="folder uid (default: rankwatch)")
     live = push.add_mutually_exclusive_group()
-    live.add_argument("--run", help="open the dashboards on this run")
-    live.add_argument("--prometheus", metavar="URL",
-                      help="open the dashboards on the run that reported a step most recently here")
+    live.add_argument("--run", help="open the dashboards on this run (default: their first run)")
+    live.add_argument("--run-from-prometheus", metavar="URL",
+                      help="open the dashboards on the run that reported a step most recently to the Prometheus "
+                           "at URL")
+    live.add_argument("--prometheus", dest="run_from_prometheus", metavar="URL", action=DeprecatedAlias,
+                      new="--run-from-prometheus URL")
     push.add_argument("--no-overwrite", dest="overwrite", action="store_false",
                       help="fail (412) instead of replacing a dashboard edited in Grafana since it was read")
     push.add_argument("--overwrite", dest="overwrite", action="store_true", default=True,
-                      help="replace stored dashboards, including edits made in Grafana (default)")
+                      help="replace stored dashboards, including edits made in Grafana (default: on)")
     push.add_argument("--from-dir", metavar="DIR",
                       help="push the *.json dashboards in DIR instead of generating them")
     push.add_argument("--alerts", dest="push_alerts", action="store_true",
@@ -106,10 +111,10 @@ def _push(args: argparse.Namespace) -> int:
 
         dashboards = render_all()
     run = args.run
-    if args.prometheus:
-        run = live_run(args.prometheus)
+    if args.run_from_prometheus:
+        run = live_run(args.run_from_prometheus)
         if run is None:
-            log.warning("no run reports steps at %s; dashboards open on their first run", args.prometheus)
+            log.warning("no run reports steps at %s; dashboards open on their first run", args.run_from_prometheus)
     results = push_dashboards(args.grafana, token, dashboards, folder_uid=args.folder_uid,
                               folder_title=args.folder, overwrite=args.overwrite, run=run)
     for r in results:
