@@ -218,3 +218,15 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
         ["training-run.json", "gpu-health.json", "efa-network.json", "node.json"])
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (REPO / dash_src / Path(home).relative_to(provider["options"]["path"])).is_file()
+
+
+def test_detector_listens_where_the_compose_prometheus_scrapes_it() -> None:
+    """The detector defaults to 127.0.0.1; in compose, Prometheus is another container, so the
+    service passes the address it needs (and publishes no port to the host)."""
+    detector = _compose()["services"]["detector"]
+    cmd = detector["command"]
+    assert cmd[cmd.index("--listen") + 1] == "0.0.0.0:9415"
+    assert not detector.get("ports")
+    prom = yaml.safe_load((REPO / "deploy" / "compose" / "prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "rankwatch-detector")
+    assert job["static_configs"][0]["targets"] == ["detector:9415"]

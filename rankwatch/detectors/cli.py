@@ -24,7 +24,9 @@ from rankwatch.errors import ConfigError
 
 log = logging.getLogger("rankwatch.detector")
 
-DEFAULT_LISTEN = "0.0.0.0:9415"
+# Only Prometheus reads the detector's /metrics and /healthz: loopback unless a deployment
+# says otherwise (compose, Kubernetes and the systemd unit pass the address they need).
+DEFAULT_LISTEN = "127.0.0.1:9415"
 DEFAULT_STATE_DIR = "rankwatch-state"
 STATE_DB_FILE = "detector.sqlite"  # inside --state-dir, beside the alerts' outbox
 ENV_URL = "RANKWATCH_PROMETHEUS_URL"
@@ -87,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state-db", dest="state_db", default=None, metavar="FILE", action=DeprecatedAlias,
                    new="--state-dir DIR (the database is DIR/" + STATE_DB_FILE + ")")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address of /metrics and /healthz (default: {DEFAULT_LISTEN})")
+                   help=f"address of /metrics and /healthz: this host only by default; 0.0.0.0:9415 when "
+                        f"Prometheus scrapes it from another host or container (default: {DEFAULT_LISTEN})")
     p.add_argument("--query-delay", type=float, default=2.0, metavar="S",
                    help="evaluate data time t at wall time t + S so its scrapes have landed; raise it for "
                         "remote-write stores such as AMP (default: 2)")

@@ -22,9 +22,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from rankwatch.httpserver import SIM_LIMITS, HttpServer
 
 
 @dataclass
@@ -74,8 +76,7 @@ class SlackServer:
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
         # Called (in the request's thread) after every request has been recorded and answered:
         # `rankwatch sim slack` rewrites its --dump file there.
         self.on_request: Callable[[RecordedRequest], None] | None = None
@@ -95,21 +96,14 @@ class SlackServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-sim", daemon=True)
-        self._thread.start()
+        self._server = HttpServer(self._host, self._port, Handler, limits=SIM_LIMITS, name="rankwatch-sim-slack")
         return self
 
     def stop(self) -> None:
         self.release()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def __enter__(self) -> SlackServer:
         return self.start()
