@@ -297,10 +297,10 @@ def test_detector_cli_config_errors_name_the_key(tmp_path: Path, capsys) -> None
     from rankwatch.cli import main
 
     cfg = tmp_path / "detector.toml"
-    cfg.write_text("[detector]\npersist_windows = 0\n")
+    cfg.write_text("[detector]\nresolve_windows = 0\n")
     assert main(_detector_cmd("http://127.0.0.1:1", tmp_path, promserver.free_port(), "--config", str(cfg))[3:]) == 2
     err = capsys.readouterr().err
-    assert "persist_windows" in err and str(cfg) in err
+    assert "resolve_windows" in err and str(cfg) in err
     assert main(_detector_cmd("prometheus:9090", tmp_path, promserver.free_port())[3:]) == 2
     assert "must start with http" in capsys.readouterr().err
     cfg.write_text("[slack]\nbogus_key = 1\n")

@@ -165,3 +165,64 @@ def change_point(series: np.ndarray, min_segment: int) -> tuple[int, float, floa
     k = best[0]
     p = float(sps.mannwhitneyu(x[k:], x[:k], alternative="greater").pvalue)
     return k, p, best[2]
+
+
+# ---- sequential test: one-sided CUSUM charts ---------------------------------------------------
+
+# Siegmund's correction: a Gaussian CUSUM overshoots its threshold by about 0.583 sigma at
+# each barrier, 1.166 in all (Siegmund 1985, "Sequential Analysis", ch. X).
+_SIEGMUND_OVERSHOOT = 1.166
+
+
+def cusum_noise_threshold(drift_sd: np.ndarray | float, arl: float) -> np.ndarray:
+    """Threshold of a one-sided CUSUM, in units of the increments' standard deviation, whose
+    average run length under the null (N(0, 1) observations, reference value ``drift_sd``
+    standard deviations) is ``arl`` evaluations.
+
+    Inverts Siegmund's approximation ARL0 = (exp(2kb) - 2kb - 1) / (2k^2), b = h + 1.166, by a
+    fixed-point iteration (the log term moves slowly, 8 steps reach 1e-6); vectorised."""
+    k = np.maximum(np.asarray(drift_sd, dtype=float), 1e-6)
+    target = 2.0 * k * k * arl
+    b = np.log(target + 1.0) / (2.0 * k)
+    for _ in range(8):
+        b = np.log(target + 2.0 * k * b + 1.0) / (2.0 * k)
+    return np.maximum(b - _SIEGMUND_OVERSHOOT, 0.0)
+
+
+def cusum_arl(drift_sd: float, threshold_sd: float) -> float:
+    """Siegmund's average run length under the null of a one-sided CUSUM (for tests/benches)."""
+    b = 2.0 * drift_sd * (threshold_sd + _SIEGMUND_OVERSHOOT)
+    return float((np.exp(b) - b - 1.0) / (2.0 * drift_sd * drift_sd))
+
+
+def cusum_step(state: np.ndarray, excess: np.ndarray, drift: np.ndarray, cap: np.ndarray,
+               weight: float | np.ndarray) -> np.ndarray:
+    """One update of a bank of one-sided CUSUM charts on each rank's relative excess.
+
+    ``state``: (n, J) accumulated evidence in seconds of excess; ``excess``: (n,) relative
+    excess over the peer reference this window; ``drift``/``cap``: (J,) reference value and
+    per-window cap of each chart (Huber-style: one window can add at most cap - drift);
+    ``weight``: seconds of new data behind this window. Page's recursion
+    S = max(0, S + w * (min(x, c) - k)), vectorised over ranks and charts."""
+    inc = (np.minimum(excess[:, None], cap[None, :]) - drift[None, :]) * np.asarray(weight, float).reshape(-1, 1)
+    return np.maximum(state + inc, 0.0)
+
+
+def rank_order_level(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Each value's level among its neighbours in rank order: the median of itself and the
+    ranks just before and after it (at the ends, of the first or last three).
+
+    Pipeline stages occupy contiguous blocks of ranks in the usual layouts (Megatron, torchrun
+    device meshes: pp outermost), so a median of three keeps every stage boundary of blocks of
+    two or more ranks and removes a lone rank that differs from both neighbours."""
+    values = np.asarray(values, dtype=float)
+    n = values.size
+    if n < 3:
+        return values.copy()
+    order = np.argsort(ranks, kind="stable")
+    v = values[order]
+    a, b, c = np.r_[v[2], v[:-1]], v, np.r_[v[1:], v[-3]]
+    med = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    out = np.empty(n)
+    out[order] = med
+    return out
