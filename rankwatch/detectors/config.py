@@ -13,12 +13,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rankwatch import xids
 from rankwatch.errors import ConfigError
 
 # Tables that belong to other parts of rankwatch (alerting, links in notifications).
 FOREIGN_TABLES = frozenset({"slack", "wandb", "alertmanager", "notify", "links"})
 
-CRITICAL_XIDS_DEFAULT = (48, 63, 64, 74, 79, 94, 95)
+# XIDs raised as critical: the FAIL class of the one XID table (rankwatch.xids)
+CRITICAL_XIDS_DEFAULT = xids.codes(xids.FAIL)
 # The sequential test's charts (docs/detector.md): small, medium and large stragglers.
 CUSUM_SLOWDOWNS_DEFAULT = (0.06, 0.2, 0.25)
 # Seconds of excess each chart needs beyond its noise term: the medium and large charts sit
@@ -96,7 +98,8 @@ class DetectorConfig:
     cluster_learn_windows: int = 8
 
     # --- failing GPUs ----------------------------------------------------------------------
-    critical_xids: tuple[int, ...] = CRITICAL_XIDS_DEFAULT  # other XIDs are warnings
+    # other XIDs are warnings, except the application's own (XID table class PASS: none)
+    critical_xids: tuple[int, ...] = CRITICAL_XIDS_DEFAULT
     clock_drop_rel: float = 0.10  # SM clock this much below its own baseline/peers = throttling
     throttle_persist_windows: int = 2
     gpu_resolve_windows: int = 4  # clean evaluations before a GPU fault resolves
@@ -104,9 +107,10 @@ class DetectorConfig:
 
     # --- network (EFA) -------------------------------------------------------------------
     efa_error_counters: tuple[str, ...] = EFA_ERROR_COUNTERS_DEFAULT
-    efa_min_increase: float = 10.0  # ignore fewer error events than this per window and counter
-    efa_own_factor: float = 5.0  # rate must exceed this multiple of the node's own past
-    efa_fleet_factor: float = 5.0  # ... and of the fleet median for the same counter
+    # A NIC is bad when its error events (the counters above, summed) are at least this
+    # fraction of the packets it sent and received ...
+    efa_max_errors_per_packet: float = 1e-5
+    efa_min_errors_per_s: float = 0.5  # ... and at least this many per second (absolute floor)
     network_persist_windows: int = 2
     network_resolve_windows: int = 3
 
@@ -158,7 +162,7 @@ class DetectorConfig:
 _POSITIVE = frozenset({
     "interval_s", "window_s", "z_threshold", "resolve_windows", "missing_resolve_windows",
     "min_steps_per_window", "throttle_persist_windows", "gpu_resolve_windows", "health_fail_value",
-    "efa_min_increase", "efa_own_factor", "efa_fleet_factor", "network_persist_windows",
+    "efa_max_errors_per_packet", "efa_min_errors_per_s", "network_persist_windows",
     "network_resolve_windows", "hang_factor", "hang_min_s", "throughput_min_segment", "throughput_history",
     "cluster_gap_factor", "cluster_learn_windows", "noise_tail_factor",
 })
