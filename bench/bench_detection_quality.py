@@ -47,11 +47,12 @@ import numpy as np
 from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import FixedPersistence  # noqa: E402
 
 from rankwatch.detectors.config import DetectorConfig  # noqa: E402
 from rankwatch.detectors.core import DetectorCore  # noqa: E402
-from rankwatch.detectors.stats import MAD_NORMAL, grouped_median  # noqa: E402
-from rankwatch.detectors.straggler import RankTable, StragglerScores  # noqa: E402
 from rankwatch.events import Event  # noqa: E402
 from rankwatch.sim.scenario import Scenario, simulate, snapshots, suite  # noqa: E402
 from rankwatch.sim.training import Fault, Layout, Noise  # noqa: E402
@@ -67,41 +68,6 @@ PROFILES: dict[str, tuple[Noise, float]] = {
 }
 SLOWDOWNS = (5, 10, 20, 30, 50)
 TARGETS_S = {50: 30.0, 20: 60.0, 10: 180.0, 5: 600.0}  # median onset -> event (5 %: found within)
-
-
-# ---- today's rule, as the baseline ------------------------------------------------------------
-
-class FixedPersistence:
-    """The straggler rule before the sequential test: a window is flagged when the rank's
-    robust z >= 3.5 and it is >= 4 % slower than its peers, or when its slow signal (EWMA,
-    weight 0.2, of the excess clipped to +-8 %) is; an episode fires after 3 consecutive
-    flagged windows and stays open while the rank is over half the thresholds."""
-
-    persist_windows = 3
-    alpha, clip = 0.2, 0.08
-
-    def __init__(self) -> None:
-        self.smooth = RankTable()
-
-    def decide(self, sc: StragglerScores, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
-        cols = sc.cols
-        alone = sc.group_size < 2
-        prev = self.smooth.get(cols.run_names, cols.run_ids, cols.rank, 0.0)
-        sm = (1 - self.alpha) * prev + self.alpha * np.clip(sc.rel_compute, -self.clip, self.clip)
-        sm[alone] = 0.0
-        sm = np.where(sc.quorum, sm, prev)
-        self.smooth.put(cols.run_names, cols.run_ids, cols.rank, sm)
-        med = grouped_median(sm, sc.group)
-        mad = grouped_median(np.abs(sm - med), sc.group) * MAD_NORMAL
-        z_s = (sm - med) / np.maximum(mad, cfg.mad_floor_rel)
-        thr = cfg.min_slowdown
-        flag_s = (z_s >= cfg.z_threshold) & (sm >= thr) & (sc.rel_compute >= thr) & ~alone
-        flagged = (sc.window_flag | flag_s) & sc.quorum
-        z, rel_c, rel_d = cfg.z_threshold, sc.rel_compute, sc.rel_dataloader
-        sustained = ~alone & sc.quorum & (((sc.z_compute >= z / 2) & (rel_c >= thr / 2))
-                                          | ((sc.z_dataloader >= z / 2) & (rel_d >= thr / 2))
-                                          | ((z_s >= z / 2) & (sm >= thr / 2) & (rel_c >= thr)))
-        return flagged, sustained
 
 
 # ---- helpers --------------------------------------------------------------------------------------

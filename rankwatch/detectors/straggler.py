@@ -411,16 +411,16 @@ def _evidence_ratio(charts: np.ndarray, noise: np.ndarray, runs: np.ndarray, dri
     (Siegmund's approximation). Only rows that rose long enough and are over the configured
     seconds can fire, so only they pay for the noise term."""
     m, J = charts.shape
-    h = np.broadcast_to(np.maximum(h_rel, 1e-9)[None, :], charts.shape).copy()
-    cand = np.flatnonzero(((runs >= min_runs[None, :]) & (charts >= h_rel[None, :]) & (charts > 0)).any(axis=1))
+    eligible = runs >= min_runs[None, :]
+    # rows that cannot fire report at most 0.99 of a threshold they are not measured against
+    ratio = np.where(h_rel[None, :] > 0, np.minimum(charts / np.maximum(h_rel[None, :], 1e-9), 0.99), 0.0)
+    cand = np.flatnonzero((eligible & (charts >= h_rel[None, :]) & (charts > 0)).any(axis=1))
     if cand.size:
         sigma = cfg.noise_tail_factor * noise[cand][:, None]  # relative spread per window
         independent_per_hour = 3600.0 / max(window_s, step_s)
         arl = 2 * J * independent_per_hour / cfg.false_alarm_rate
         eta = cusum_noise_threshold(drift[None, :] / sigma, arl)
-        h[cand] = h_rel[None, :] + sigma * min(window_s, step_s) * eta
-    ratio = charts / h
-    eligible = runs >= min_runs[None, :]
+        ratio[cand] = charts[cand] / (h_rel[None, :] + sigma * min(window_s, step_s) * eta)
     fire = (ratio >= 1.0) & eligible
     alarm = fire.any(axis=1)
     # the chart to report: the strongest firing one, else the strongest
