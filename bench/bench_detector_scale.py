@@ -61,7 +61,7 @@ def measure(n: int, layout: bool, repeat: int) -> dict[str, float]:
     core.evaluate(snaps[0])
     for s in snaps[1:]:
         t, c = time.perf_counter(), time.process_time()
-        score_ranks(s.ranks, cfg, s.window_s, core.compute_basis, core.smooth)
+        score_ranks(s.ranks, cfg, s.window_s, core.compute_basis, core.evidence, 15.0)
         times_stats.append(time.perf_counter() - t)
         cpu_stats.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()

@@ -280,3 +280,23 @@ def test_interleaved_stages_without_labels_warn_once_and_raise_nothing(caplog):
     # a rank that slows down later is still found against its own stage's cluster
     later = _feed(core, [_interleaved(T0 + 15 * k, {5: 1.08, 6: 1.3}) for k in range(30, 40)])
     assert [(e.state, e.rank) for e in later] == [("firing", 6)]
+
+
+@pytest.mark.parametrize("offset", [0.0, 4.0, 7.5, 11.0])
+def test_spikes_once_a_minute_at_any_offset_raise_nothing(offset):
+    # +50 % for 15 s, once a minute, five times: straddling the window grid or not
+    spikes = [Fault("spike", rank=5, start_s=150 + offset + 60 * k, end_s=165 + offset + 60 * k, magnitude=0.5)
+              for k in range(5)]
+    assert run(scenario("spikes-offset", spikes, scrape_s=15.0, duration=540.0))[0] == []
+
+
+def test_a_bigger_slowdown_fires_sooner():
+    # onset off the 15 s evaluation grid; scraped every 15 s
+    delays = {}
+    for pct in (5, 20, 50):
+        sc = scenario(f"slow{pct}", [Fault("slowdown", rank=9, start_s=157.3, magnitude=pct / 100)], scrape_s=15.0)
+        fired = [e for e in run(sc)[0] if e.kind == "straggler" and e.state == "firing"]
+        assert [e.rank for e in fired] == [9]
+        delays[pct] = fired[0].time - T0 - 157.3
+    assert delays[50] < delays[20] < delays[5]
+    assert delays[50] <= 30 and delays[20] <= 60 and delays[5] <= 600

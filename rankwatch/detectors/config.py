@@ -22,11 +22,12 @@ FOREIGN_TABLES = frozenset({"slack", "wandb", "alertmanager", "notify", "links"}
 # XIDs raised as critical: the FAIL class of the one XID table (rankwatch.xids)
 CRITICAL_XIDS_DEFAULT = xids.codes(xids.FAIL)
 # The sequential test's charts (docs/detector.md): small, medium and large stragglers.
-CUSUM_SLOWDOWNS_DEFAULT = (0.06, 0.2, 0.25)
+CUSUM_SLOWDOWNS_DEFAULT = (0.06, 0.2, 0.3)
 # Seconds of excess each chart needs beyond its noise term: the medium and large charts sit
-# above what a +50 % spike of 15 s leaves in them (0.22 and 0.4 windows of 15 s); the small
-# chart's cap and minimum duration keep such a spike out of it.
-CUSUM_THRESHOLDS_DEFAULT = (0.0, 3.3, 6.0)
+# above what a +50 % spike of 15 s leaves in them when it straddles two windows (the only
+# way it passes their minimum duration; once a minute, the drift empties them in between);
+# the small chart's cap and minimum duration keep such a spike out of it.
+CUSUM_THRESHOLDS_DEFAULT = (0.0, 3.3, 4.5)
 # How long each chart must have risen without a break before it may fire: longer than a
 # benign 15 s transient for the small and medium charts; the large chart's threshold is.
 CUSUM_MIN_DURATION_DEFAULT = (45.0, 30.0, 15.0)

@@ -105,7 +105,7 @@ class DetectorCore:
             young = (cols.pp < 0) & (count < cfg.cluster_learn_windows)
             sc.flagged = sc.flagged & ~young
             sc.sustained = sc.sustained & ~young
-            sc.evidence[young] = np.nan  # peer groups still settling: no evidence yet
+            sc.evidence[young] = 0.0  # peer groups still settling: no evidence yet
             self._warn_layout(sc, young)
         self.evidence.put(cols.run_names, cols.run_ids, cols.rank, sc.evidence)
         runs_of = [cols.run_names[i] for i in cols.run_ids.tolist()]

@@ -93,10 +93,13 @@ class RankTable:
                 continue
             sel = run_ids == r
             rk = ranks[sel]
-            ok = rk < arr.shape[0]
-            vals = np.full(self._shape(rk.size), np.nan)
-            vals[ok] = arr[rk[ok]]
-            out[sel] = np.where(np.isnan(vals), default, vals)
+            if rk.size and int(rk.max()) < arr.shape[0]:
+                vals = arr[rk]  # a copy: every rank has a slot (the usual case)
+            else:
+                ok = rk < arr.shape[0]
+                vals = np.full(self._shape(rk.size), np.nan)
+                vals[ok] = arr[rk[ok]]
+            out[sel] = np.nan_to_num(vals, copy=False, nan=default)
         return out
 
     def put(self, run_names: list[str], run_ids: np.ndarray, ranks: np.ndarray, values: np.ndarray,
@@ -351,32 +354,40 @@ def score_ranks(ranks: list[RankObs], cfg: DetectorConfig, window_s: float,
 
     # Sequential test: each window's excess over the peers feeds the rank's CUSUM charts,
     # weighted by the seconds of new data behind it. A window without quorum is no evidence
-    # either way: the charts keep their value. Compute and dataloader are stacked as rows.
+    # either way: the charts keep their value. State per rank: (compute, dataloader) x
+    # (J charts, J counts of rising evaluations, noise memory); a rank never seen reads 0s.
     step = step_s if step_s is not None else cfg.interval_s
     drift, cap, h_rel, min_runs = chart_parameters(cfg, step)
     J = drift.size
-    width = 2 * J + 1
-    prev = (evidence_prev.get(cols.run_names, run_ids, cols.rank, np.nan) if evidence_prev is not None
-            else np.full((n, 2 * width), np.nan))
-    prev = prev.reshape(n, 2, width).transpose(1, 0, 2).reshape(2 * n, width)
-    x = np.concatenate([rel_c - margin, rel_d - margin])
-    ok = np.concatenate([quorum, quorum])
-    # The group's spread, remembered per rank: one window's MAD is unstable when the peers
-    # form a few clusters (data-parallel replicas sharing a batch), an average over windows is not.
-    now = np.concatenate([noise_c, noise_d])
-    mem = prev[:, 2 * J]
-    noise = np.where(np.isnan(mem), now, (1 - _NOISE_ALPHA) * mem + _NOISE_ALPHA * now)
-    charts = cusum_step(np.nan_to_num(prev[:, :J]), x, drift, cap, min(step, window_s))
-    runs = np.where(x[:, None] > drift[None, :], np.nan_to_num(prev[:, J:2 * J]) + 1, 0.0)
-    state = np.where(ok[:, None], np.concatenate([charts, runs, noise[:, None]], axis=1), prev)
-    ratio, chart, alarm = _evidence_ratio(state[:, :J], state[:, 2 * J], state[:, J:2 * J], drift, h_rel, min_runs,
-                                          cfg, window_s, step)
-    evidence = state.reshape(2, n, width).transpose(1, 0, 2).reshape(n, 2 * width)
+    state = (evidence_prev.get(cols.run_names, run_ids, cols.rank, 0.0) if evidence_prev is not None
+             else np.zeros((n, 2 * (2 * J + 1)))).reshape(n, 2, 2 * J + 1)
+    weight = min(step, window_s)
+    all_ok = bool(quorum.all())
+    ratios, charts_at, alarms = [], [], []
+    for sig, (x, now) in enumerate(((rel_c - margin, noise_c), (rel_d - margin, noise_d))):
+        view = state[:, sig, :]
+        # The group's spread, remembered per rank: one window's MAD is unstable when the peers
+        # form a few clusters (data-parallel replicas sharing a batch), an average is not.
+        mem = view[:, 2 * J]
+        new = np.empty((n, 2 * J + 1))
+        new[:, 2 * J] = np.where(mem > 0, (1 - _NOISE_ALPHA) * mem + _NOISE_ALPHA * now, now)
+        new[:, :J] = cusum_step(view[:, :J], x, drift, cap, weight)
+        rising = x[:, None] > drift[None, :]
+        new[:, J:2 * J] = (view[:, J:2 * J] + 1) * rising
+        if all_ok:
+            view[:] = new
+        else:
+            view[quorum] = new[quorum]
+        r, c, a = _evidence_ratio(view[:, :J], view[:, 2 * J], view[:, J:2 * J], drift, h_rel, min_runs, cfg,
+                                  window_s, step)
+        ratios.append(r)
+        charts_at.append(c)
+        alarms.append(a & (x >= cfg.min_slowdown) & ~alone)
+    evidence = state.reshape(n, 2 * (2 * J + 1))
     # The charts remember past windows: they open an episode only for a rank that is at least
     # the minimum slower than its peers right now.
-    seq = alarm & (x >= cfg.min_slowdown) & np.concatenate([~alone, ~alone])
-    seq_c, seq_d = seq[:n], seq[n:]
-    ratio_c, ratio_d = ratio[:n], ratio[n:]
+    seq_c, seq_d = alarms
+    ratio_c, ratio_d = ratios
     flagged = (seq_c | seq_d) & quorum
     window_flag = (flag_c | flag_d) & quorum
     # Hysteresis: an open episode stays open while the rank is over half of both per-window
@@ -391,9 +402,10 @@ def score_ranks(ranks: list[RankObs], cfg: DetectorConfig, window_s: float,
         obs=obs, cols=cols, compute=compute, dataloader=dataloader, comm=comm, group=groups, group_size=size,
         peer_compute=peer_c, peer_dataloader=peer_d, peer_comm=med_m, peer_busy=peer_b,
         z_compute=z_c, z_dataloader=z_d, rel_compute=rel_c, rel_dataloader=rel_d,
-        noise_compute=noise[:n], noise_dataloader=noise[n:], window_flag=np.asarray(window_flag, bool),
+        noise_compute=state[:, 0, 2 * J], noise_dataloader=state[:, 1, 2 * J],
+        window_flag=np.asarray(window_flag, bool),
         evidence=evidence, evidence_ratio=np.where(dl_first, ratio_d, ratio_c),
-        chart=np.where(dl_first, chart[n:], chart[:n]),
+        chart=np.where(dl_first, charts_at[1], charts_at[0]),
         score=score, flagged=np.asarray(flagged, bool), quorum=np.asarray(quorum, bool),
         sustained=np.asarray(sustained, bool), cause=cause, layout_unordered=unordered,
     )
@@ -408,22 +420,24 @@ def _evidence_ratio(charts: np.ndarray, noise: np.ndarray, runs: np.ndarray, dri
     Threshold = the chart's configured seconds (above what a benign transient adds) + a noise
     term: the CUSUM threshold whose run length under Gaussian noise of noise_tail_factor x the
     group's spread gives cfg.false_alarm_rate per rank-hour over all charts and both signals
-    (Siegmund's approximation). Only rows that rose long enough and are over the configured
-    seconds can fire, so only they pay for the noise term."""
+    (Siegmund's approximation). Only rows that rose long enough and hold the configured
+    seconds can fire, so only they pay for the noise term; the others report 0."""
     m, J = charts.shape
-    eligible = runs >= min_runs[None, :]
-    # rows that cannot fire report at most 0.99 of a threshold they are not measured against
-    ratio = np.where(h_rel[None, :] > 0, np.minimum(charts / np.maximum(h_rel[None, :], 1e-9), 0.99), 0.0)
-    cand = np.flatnonzero((eligible & (charts >= h_rel[None, :]) & (charts > 0)).any(axis=1))
+    ratio = np.zeros(m)
+    best = np.zeros(m, np.int64)
+    alarm = np.zeros(m, bool)
+    cand = np.flatnonzero(((runs >= min_runs) & (charts >= h_rel) & (charts > 0)).any(axis=1))
     if cand.size:
-        sigma = cfg.noise_tail_factor * noise[cand][:, None]  # relative spread per window
+        c, r = charts[cand], runs[cand]
+        sigma = cfg.noise_tail_factor * np.maximum(noise[cand], cfg.mad_floor_rel)[:, None]
         independent_per_hour = 3600.0 / max(window_s, step_s)
         arl = 2 * J * independent_per_hour / cfg.false_alarm_rate
         eta = cusum_noise_threshold(drift[None, :] / sigma, arl)
-        ratio[cand] = charts[cand] / (h_rel[None, :] + sigma * min(window_s, step_s) * eta)
-    fire = (ratio >= 1.0) & eligible
-    alarm = fire.any(axis=1)
-    # the chart to report: the strongest firing one, else the strongest
-    best = np.where(alarm, np.where(fire, ratio, -np.inf).argmax(axis=1), ratio.argmax(axis=1)) if m else \
-        np.zeros(0, np.int64)
-    return ratio[np.arange(m), best] if m else np.zeros(0), best, alarm
+        rat = c / (h_rel[None, :] + sigma * min(window_s, step_s) * eta)
+        fire = (rat >= 1.0) & (r >= min_runs[None, :])
+        alarm[cand] = fire.any(axis=1)
+        # the chart to report: the strongest firing one, else the strongest
+        pick = np.where(alarm[cand], np.where(fire, rat, -np.inf).argmax(axis=1), rat.argmax(axis=1))
+        best[cand] = pick
+        ratio[cand] = rat[np.arange(cand.size), pick]
+    return ratio, best, alarm
