@@ -300,3 +300,22 @@ def test_a_bigger_slowdown_fires_sooner():
         delays[pct] = fired[0].time - T0 - 157.3
     assert delays[50] < delays[20] < delays[5]
     assert delays[50] <= 30 and delays[20] <= 60 and delays[5] <= 600
+
+
+def test_saved_charts_of_another_chart_configuration_start_afresh():
+    cfg = DetectorConfig(warmup_s=0.0)
+    vals = {r: 1.0 + 0.001 * r for r in range(8)}
+    slow = {**vals, 2: 1.3}
+    core = DetectorCore(cfg)
+    _feed(core, [_snap(T0 + 15 * k, slow) for k in range(2)])  # evidence builds, nothing fires yet
+    state = json.loads(json.dumps(core.export_state()))
+    other = dataclasses.replace(cfg, cusum_slowdowns=(0.1, 0.3), cusum_thresholds_s=(0.0, 4.5),
+                                cusum_min_duration_s=(45.0, 15.0))
+    restarted = DetectorCore(other)
+    restarted.import_state(state)  # no error: the old charts are simply not used
+    assert restarted.evidence.data == {}
+    fired = _feed(restarted, [_snap(T0 + 15 * k, slow) for k in range(2, 8)])
+    assert [(e.state, e.rank) for e in fired] == [("firing", 2)]
+    same = DetectorCore(cfg)
+    same.import_state(state)
+    assert set(same.evidence.data) == {"r"}
