@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.dashboards.cli",
     "rankwatch.sim.cli",
     "rankwatch.demo",
+    "rankwatch.assets",
 )
 
 

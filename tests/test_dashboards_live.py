@@ -56,10 +56,10 @@ def test_dashboards_on_live_exporters(prometheus_factory, subprocess_env) -> Non
         # Prometheus starts while the exporter imports; failed first scrapes do not matter.
         prom = prometheus_factory(scrape_config({"rankwatch-node": [f"127.0.0.1:{node_port}"],
                                                  "rankwatch-probe": [f"127.0.0.1:{p.port}" for p in probes]}))
-        promserver.wait_http_ok(f"http://127.0.0.1:{node_port}/healthz", timeout=30, proc=exporter)
+        promserver.wait_http_ok(f"http://127.0.0.1:{node_port}/healthz", proc=exporter)
         # Rates over 4 s need a few scrapes of every target.
-        promserver.wait_for_series(prom.url, "rate(node_amazonefa_tx_bytes[4s])", min_series=2, timeout=30)
-        promserver.wait_for_series(prom.url, "rate(rankwatch_steps_total[4s])", min_series=2, timeout=30)
+        promserver.wait_for_series(prom.url, "rate(node_amazonefa_tx_bytes[4s])", min_series=2)
+        promserver.wait_for_series(prom.url, "rate(rankwatch_steps_total[4s])", min_series=2)
         names = set(requests.get(f"{prom.url}/api/v1/label/__name__/values", timeout=5).json()["data"])
         values = {"run": "live-run", "node": ".*", "gpu": ".*", "device": ".*"}
         checked, empty = 0, []

@@ -74,8 +74,8 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
             "node-exporters": [f"127.0.0.1:{node_port}"],
             "training": [f"127.0.0.1:{probe_base + i}" for i in range(4)],
         }, interval="500ms"))
-        promserver.wait_for_series(prom.url, "rankwatch_steps_total > 0", min_series=4, timeout=90)
-        promserver.wait_for_series(prom.url, "DCGM_FI_DEV_SM_CLOCK", min_series=8, timeout=30)
+        promserver.wait_for_series(prom.url, "rankwatch_steps_total > 0", min_series=4)
+        promserver.wait_for_series(prom.url, "DCGM_FI_DEV_SM_CLOCK", min_series=8)
         cfg = tmp_path / "detector.toml"
         cfg.write_text("[detector]\ninterval_s = 1.0\nwindow_s = 3.0\nwarmup_s = 3.0\n")
         events_file = tmp_path / "events.jsonl"

@@ -217,7 +217,8 @@ def test_live_loop_with_a_failing_sink_and_metrics_endpoint(straggler_replay) ->
         assert metric_value(text, "rankwatch_detector_sink_errors_total", sink="BrokenSink") == len(good.batches)
         assert metric_value(text, "rankwatch_detector_events_total", kind="straggler", state="firing") == 1
         assert metric_value(text, "rankwatch_detector_rank_flagged", run=sc.run) == 0  # resolved by the end
-        assert metric_value(text, "rankwatch_detector_rank_score", run=sc.run, rank="13") >= 0
+        # recovered: its score is back under the flagging threshold, and still exported
+        assert metric_value(text, "rankwatch_detector_rank_score", run=sc.run, rank="13") < CFG.z_threshold
         assert metric_value(text, "rankwatch_detector_observed", kind="ranks") == 16
         assert metric_value(text, "rankwatch_detector_cycle_duration_seconds") > 0
         assert metric_value(text, "rankwatch_detector_last_evaluated_timestamp_seconds") == times[-1]

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--out", default="dashboards", help="directory for the dashboard JSON files (default: dashboards)")
     gen.add_argument("--kubernetes-out", metavar="DIR",
                      help="also write the dashboard ConfigMaps and the PrometheusRule (from --alerts) here")
-    gen.add_argument("--alerts", default="alerts", help="rule files for the PrometheusRule (default: alerts)")
+    gen.add_argument("--alerts", metavar="DIR", type=Path,
+                     help="directory of Prometheus rule files for the PrometheusRule "
+                          "(default: rankwatch's own rules, from the checkout or the installed package)")
     gen.add_argument("--check", action="store_true", help="write nothing; exit 1 if any file is missing or stale")
     gen.set_defaults(func=_generate)
 
@@ -54,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.kubernetes_out:
         from rankwatch.dashboards.manifests import kubernetes_files
 
-        outputs.append((Path(args.kubernetes_out), kubernetes_files(dashboards, Path(args.alerts))))
+        outputs.append((Path(args.kubernetes_out), kubernetes_files(dashboards, args.alerts)))
     if args.check:
         stale = [str(out / name) for out, files in outputs for name in stale_files(files, out)]
         for path in stale:
