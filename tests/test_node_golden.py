@@ -53,7 +53,7 @@ def golden_scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     finally:
         proc.terminate()
-        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert proc.wait(timeout=120) == 0, log.read_text()
 
 
 def mask(text: str) -> str:

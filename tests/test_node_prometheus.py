@@ -36,7 +36,7 @@ def exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        code = proc.wait(timeout=20)
+        code = proc.wait(timeout=120)
         text = log.read_text()
         assert code == 0, text
         # the temporary sysfs tree of the simulation is gone
