@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, scrape_config
 
 from rankwatch import promserver
+from rankwatch.detectors.config import DetectorConfig
 
 SLOW_RANK = 2
 
@@ -109,7 +110,9 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
     assert firing["rank"] == SLOW_RANK and firing["run"] == "ddp-done" and firing["node"] == "simnode-0"
     assert f"Rank {SLOW_RANK}" in firing["summary"]
     ev = firing["evidence"]
-    assert ev["compute_slowdown"] > 0.3 and ev["compute_s"] > ev["peer_compute_s"]
+    # How much slower depends on how busy the cores are (4 ranks share 2; the slow rank's extra
+    # time is a sleep, which gives its core to the others): above the detector's floor, always.
+    assert ev["compute_slowdown"] > DetectorConfig().min_slowdown and ev["compute_s"] > ev["peer_compute_s"]
     # the straggler waits least in the all-reduce: the fast ranks wait for it
     assert ev["comm_wait_s"] < ev["peer_comm_wait_s"]
     # the same event went to stdout, and nothing else named another rank
