@@ -122,3 +122,26 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 120.
         if time.monotonic() > deadline:
             raise AssertionError(f"still waiting after {timeout:g} s for {what}")
         time.sleep(every)
+
+
+def free_demo_prefix(nodes: int, gpus_per_node: int) -> str:
+    """A loopback prefix ``127.N`` whose demo ports are all free: every node's 9410 and
+    9420 + local rank. The machine is shared (another checkout's tests run demos too), so the
+    prefix is picked at random and checked, never fixed."""
+    import random
+
+    from rankwatch.demo.cluster import NODE_EXPORTER_PORT, PROBE_BASE_PORT
+    from rankwatch.demo.scenario import DemoConfig
+
+    for n in random.sample(range(70, 250), 180):
+        cfg = DemoConfig(nodes=nodes, gpus_per_node=gpus_per_node, address_prefix=f"127.{n}")
+        ports = [(cfg.node_address(i), p) for i in range(nodes)
+                 for p in (NODE_EXPORTER_PORT, *range(PROBE_BASE_PORT, PROBE_BASE_PORT + gpus_per_node))]
+        try:
+            for addr, port in ports:
+                with socket.socket() as s:
+                    s.bind((addr, port))
+        except OSError:
+            continue
+        return cfg.address_prefix
+    raise RuntimeError("no free loopback prefix for a demo")

@@ -17,16 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_demo_prefix
 
 from rankwatch.demo.cluster import NODE_EXPORTER_PORT, PROBE_BASE_PORT
 from rankwatch.demo.scenario import DemoConfig, build_timeline
 
 pytestmark = pytest.mark.slow
 
-# Distinct loopback prefix so a demo the user runs meanwhile does not collide with the test.
-PREFIX = "127.67"
 ARGS = ["--nodes", "4", "--gpus-per-node", "4", "--tp", "4", "--pp", "2", "--efa-per-node", "2", "--seed", "11",
-        "--address-prefix", PREFIX, "--step-seconds", "0.4", "--scrape-interval", "1", "--node-scrape-interval", "1",
+        "--step-seconds", "0.4", "--scrape-interval", "1", "--node-scrape-interval", "1",
         "--eval-interval", "3", "--window", "3", "--speed", "2",
         # minimum lengths: an incident then lasts until the detector names it, a recovery until
         # the job is back to normal
@@ -66,11 +65,16 @@ def test_demo_command_from_an_empty_directory_catches_every_incident_and_cleans_
     scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TMPDIR=str(scratch), PYTHONUNBUFFERED="1", COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "rankwatch", "demo", "--plain", *ARGS, "--report-dir", "report"],
+    # a free loopback prefix: a demo the user (or another checkout's tests) runs meanwhile keeps its own
+    prefix = free_demo_prefix(4, 4)
+    proc = subprocess.run([sys.executable, "-m", "rankwatch", "demo", "--plain", *ARGS, "--address-prefix", prefix,
+                           "--report-dir", "report"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=1700)
     out = proc.stdout + proc.stderr
     report = cwd / "report"  # relative to where the user ran it
-    assert report.is_dir(), out[-3000:]
+    logs = "".join(f"\n--- {p.name}\n" + p.read_text()[-1500:] for p in sorted((report / "logs").glob("*.log"))) \
+        if (report / "logs").is_dir() else ""
+    assert (report / "verdict.json").is_file(), f"exit {proc.returncode}\n{out[-4000:]}{logs}"
     verdict = json.loads((report / "verdict.json").read_text())
     table = "\n".join(f"{i['name']}: start={i['start']:.0f} detected={i['detected_at']} missing={i['missing']} "
                       f"matched={[(e['kind'], e['rank'], e['node'], e['gpu']) for e in i['matched']]}"
@@ -115,6 +119,6 @@ def test_demo_command_from_an_empty_directory_catches_every_incident_and_cleans_
     assert _processes_under(scratch) == {}
     assert sorted(p.name for p in scratch.iterdir()) == []  # work directories removed
     for i in range(4):
-        addr = f"{PREFIX}.0.{i + 1}"
+        addr = f"{prefix}.0.{i + 1}"
         assert not _port_open(addr, NODE_EXPORTER_PORT)
         assert not _port_open(addr, PROBE_BASE_PORT)
