@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,15 @@ def free_demo_prefix(nodes: int, gpus_per_node: int) -> str:
             continue
         return cfg.address_prefix
     raise RuntimeError("no free loopback prefix for a demo")
+
+
+@pytest.fixture
+def slack() -> Iterator[Any]:
+    """The local Slack Web API + webhook server (rankwatch.sim.slack), started for one test."""
+    from rankwatch.sim.slack import SlackServer
+
+    server = SlackServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

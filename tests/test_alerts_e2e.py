@@ -70,7 +70,7 @@ grafana_url = "https://grafana.example/d/rankwatch-node?var-node={{node}}"
 def detect(replay: Path, config: Path, state: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rankwatch", "detect", "--replay", str(replay), "--config", str(config),
-         "--alert-state-dir", str(state), "--quiet"],
+         "--state-dir", str(state), "--quiet"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -113,13 +113,6 @@ def am_received(url: str) -> dict[str, float]:
         elif line.startswith("alertmanager_alerts_invalid_total"):
             out["invalid"] += float(line.rsplit(" ", 1)[1])
     return out
-
-
-@pytest.fixture
-def slack() -> SlackServer:
-    server = SlackServer().start()
-    yield server
-    server.stop()
 
 
 def test_replayed_straggler_reaches_slack_wandb_and_alertmanager_once(

@@ -6,11 +6,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import SilentServer, wait_until
 from slack_sdk.models.blocks import Block
 
@@ -29,15 +27,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackServer]:
-    server = SlackServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ev(rank: int | None, state: str = "firing", t: float = T0, run: str = "r1", kind: str = "straggler",

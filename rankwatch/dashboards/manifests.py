@@ -84,16 +84,30 @@ def prometheus_rule(files: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path | None = None) -> dict[str, str]:
-    """File name → text of every generated manifest. The rules are those of ``alerts_dir``, by
-    default rankwatch's own (``rankwatch.assets``: the checkout's alerts/ or the wheel's copy)."""
+def alert_rule_files(alerts_dir: Path | None = None) -> list[Path]:
+    """The rule files everything derived from the alerts is made of: those of ``alerts_dir``, by
+    default rankwatch's own (``rankwatch.assets``: the checkout's alerts/ or the wheel's copy).
+    None found is an error: a generator must never write rules that alert on nothing."""
     if alerts_dir is None:
-        rules = assets.rule_files()
-    else:
-        rules = rule_files(alerts_dir)
-        if not rules:
-            raise InputError(f"no Prometheus rule files (YAML with a top-level `groups`) in {alerts_dir}")
+        return assets.rule_files()
+    rules = rule_files(alerts_dir)
+    if not rules:
+        raise InputError(f"no Prometheus rule files (YAML with a top-level `groups`) in {alerts_dir}")
+    return rules
+
+
+def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path | None = None,
+                     grafana_alerts: str | None = None) -> dict[str, str]:
+    """File name → text of every generated manifest, from the rules of ``alerts_dir``
+    (``alert_rule_files``); ``grafana_alerts`` is the Grafana alert provisioning file (default:
+    made from the same rules), shipped as a sidecar ConfigMap."""
+    from rankwatch.dashboards.alert_rules import CONFIGMAP_FILE, alert_rules_configmap, provisioning_file
+
+    rules = alert_rule_files(alerts_dir)
     files = {f"dashboard-{name.removesuffix('.json')}.yaml": HEADER + dump(dashboard_configmap(name, text))
              for name, text in dashboard_files.items()}
     files["prometheusrule.yaml"] = HEADER + dump(prometheus_rule(rules))
+    if grafana_alerts is None:
+        grafana_alerts = provisioning_file(rules)
+    files[CONFIGMAP_FILE] = HEADER + dump(alert_rules_configmap(grafana_alerts))
     return files
