@@ -158,3 +158,24 @@ def slack() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+def free_port_block(n: int) -> int:
+    """A base port with ``n`` consecutive free ports on 127.0.0.1 (probes serve base + LOCAL_RANK)."""
+    from rankwatch import promserver
+
+    for _ in range(50):
+        base = promserver.free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")

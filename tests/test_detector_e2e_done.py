@@ -7,38 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, scrape_config
+from conftest import REPO, free_port_block, scrape_config
 
 from rankwatch import promserver
 from rankwatch.detectors.config import DetectorConfig
 
 SLOW_RANK = 2
-
-
-def free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive free ports (the probe example serves base + LOCAL_RANK)."""
-    for _ in range(50):
-        base = promserver.free_port()
-        if base + n >= 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

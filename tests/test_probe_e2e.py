@@ -9,14 +9,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, scrape_config
+from conftest import REPO, free_port_block, scrape_config
 
 from rankwatch import promserver
 
@@ -29,25 +28,6 @@ RANKS = 4
 SLOW_RANK = 2
 MIN_STEPS = 20  # warm-up steps left out of the comparison
 MIN_SCRAPES = 12  # scrapes of the steady state before the job is stopped
-
-
-def free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive free ports on 127.0.0.1."""
-    for _ in range(50):
-        base = promserver.free_port()
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {n} free ports")
 
 
 def by_rank(url: str, promql: str, at: float) -> dict[str, float]:

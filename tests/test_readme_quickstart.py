@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import wait_until
+from conftest import free_port_block, wait_until
 
 from rankwatch import promserver
 
@@ -44,23 +43,6 @@ def replace(text: str, subs: dict[str, str]) -> str:
         assert old in text, f"README quickstart no longer contains {old!r}: update this test with it"
         text = text.replace(old, new)
     return text
-
-
-def free_port_block(n: int) -> int:
-    while True:
-        base = promserver.free_port()
-        if base + n >= 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
 
 
 def test_readme_has_the_three_quickstart_blocks() -> None:
