@@ -175,7 +175,7 @@ def test_retries_exhausted_reports_the_last_error(fake_prom) -> None:
 
 def test_a_server_that_never_answers_is_a_timeout_error_naming_the_limit(silent_server) -> None:
     # Without the timeout this query would wait forever: raising at all is the check.
-    with pytest.raises(PromQueryError, match=r"timed out after 0.3s \(0 retries\)"):
+    with pytest.raises(PromQueryError, match=r"timed out after 0\.3s"):
         client(silent_server.url, timeout_s=0.3).query("up")
     assert silent_server.accepted == 1
 
