@@ -169,6 +169,7 @@ def plot_curve(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"sequential": "-", "fixed-3": "--"}
@@ -195,6 +196,7 @@ def plot_curve(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(list(SLOWDOWNS))
     ax.set_xticklabels([f"{p} %" for p in SLOWDOWNS])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("slowdown of one rank")
     ax.set_ylabel("onset -> event (s): median, min to p90")
     ax.set_title("Straggler delay vs. size, 256 ranks, 15 s scrape (black: targets)")

@@ -56,11 +56,17 @@ def test_xid79_gpu_lost_and_job_hang():
     assert not [e for e in events if e.kind == "straggler"]
 
 
-def test_double_bit_ecc_is_critical_and_resolves():
+def test_double_bit_ecc_is_critical_and_resolves_after_the_gpu_reset():
+    # end_s is the GPU reset that applies the pending row remap
     events = run(scenario("dbe", [Fault("dbe", node=0, gpu=3, start_s=150, end_s=240, magnitude=2)]))
     mem = [e for e in events if e.evidence.get("problem") == "memory"]
-    assert [e.state for e in mem] == ["firing", "resolved"] or mem[0].state == "firing"
+    assert [e.state for e in mem] == ["firing", "resolved"]
     assert mem[0].severity == "critical" and mem[0].evidence["dbe_increase"] == 2.0
+    assert mem[0].evidence["remap_pending"] == 1.0
+    # fires in the first window that holds the errors; resolves after gpu_resolve_windows clean ones
+    resolve_s = DetectorConfig().gpu_resolve_windows * DetectorConfig().interval_s
+    assert mem[0].time - T0 == 150
+    assert 240 + resolve_s - 15 <= mem[1].time - T0 <= 240 + resolve_s + 15
     assert {e.kind for e in events} == {"gpu_fault"}
 
 

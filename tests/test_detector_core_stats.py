@@ -4,6 +4,7 @@ change point behave as the detector relies on."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import stats as sps
 
 from rankwatch.detectors.stats import (
@@ -45,10 +46,16 @@ def test_robust_z_uses_normal_scaled_mad_with_a_floor():
     assert np.isfinite(z).all() and abs(z[-1] - 10.0) < 1e-9 and scale[0] == 0.005
 
 
-def test_modified_z_matches_definition():
+def test_modified_z_is_iglewicz_hoaglin_0_6745_times_deviation_over_mad():
     vals = np.array([1.0, 1.1, 0.9, 1.0, 3.0])
+    # median 1.0; absolute deviations 0, .1, .1, 0, 2 -> MAD 0.1; M = 0.6745 (x - median) / MAD
     z = modified_z(vals)
-    assert np.argmax(z) == 4 and z[4] > 3.5
+    assert z == pytest.approx([0.0, 0.6745, -0.6745, 0.0, 13.49], abs=1e-3)
+    # NaN is left out of median and MAD, and scores NaN
+    zn = modified_z(np.r_[vals, np.nan])
+    assert zn[:5] == pytest.approx(z) and np.isnan(zn[5])
+    # MAD 0 (most values equal): no score rather than a division by zero
+    assert modified_z(np.array([1.0, 1.0, 1.0, 5.0])).tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_min_excluding_self():

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pynvml
 import pytest
 import requests
+from conftest import wait_until
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from rankwatch import promserver
@@ -63,8 +63,10 @@ class HangingCollector:
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.calls = 0
 
     def collect(self) -> Iterable[Metric]:
+        self.calls += 1
         self.release.wait()
         g = GaugeMetricFamily("rankwatch_test_answer", "answered after release")
         g.add_metric([], 1)
@@ -94,24 +96,26 @@ def test_a_raising_collector_costs_only_itself(efa: EfaCollector) -> None:
 
 
 def test_a_hanging_collector_is_given_up_after_the_timeout(efa: EfaCollector) -> None:
+    # The collector blocks until released, which happens only at the end: each scrape below
+    # returning at all is the check (without the timeout it would wait forever).
     hanging = HangingCollector()
-    exporter = NodeExporter([hanging, efa], "node-a", collector_timeout=0.5, process_metrics=False)
+    # 5 s: the EFA collector answers in time even on a busy machine; the hanging one never does
+    exporter = NodeExporter([hanging, efa], "node-a", collector_timeout=5.0, process_metrics=False)
+    hung = 'rankwatch_exporter_collector_success{collector="hanging"}'
     try:
-        t0 = time.monotonic()
         s = series(exporter.scrape().decode())
-        assert time.monotonic() - t0 < 2.0
-        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 0
+        assert s[hung] == 0
+        assert s['rankwatch_exporter_collector_duration_seconds{collector="hanging"}'] >= 5.0  # waited its timeout
         assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
         assert 'node_amazonefa_rx_bytes{device="rdmap17s0",port="1"}' in s
-        t0 = time.monotonic()  # still stuck: reported at once, no second call queued behind it
+        # still stuck: reported at once, without a second call queued behind the first
         s = series(exporter.scrape().decode())
-        assert time.monotonic() - t0 < 0.4
-        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 0
-        hanging.release.set()
-        time.sleep(0.05)
+        assert s[hung] == 0 and hanging.calls == 1
+        assert s['rankwatch_exporter_collector_duration_seconds{collector="hanging"}'] == 0
+        hanging.release.set()  # the stuck call returns; a later scrape calls the collector again
+        wait_until(lambda: series(exporter.scrape().decode())[hung] == 1, "the released collector to answer")
         s = series(exporter.scrape().decode())
-        assert s['rankwatch_exporter_collector_success{collector="hanging"}'] == 1
-        assert s["rankwatch_test_answer"] == 1
+        assert s[hung] == 1 and s["rankwatch_test_answer"] == 1
     finally:
         exporter.close()
 
@@ -220,12 +224,48 @@ def test_simulated_node_removes_its_temporary_tree() -> None:
 @pytest.mark.parametrize("args,message", [
     (["--web.listen-address", "localhost"], "--web.listen-address 'localhost': expected HOST:PORT"),
     (["--no-collector.gpu", "--no-collector.efa"], "every collector is disabled"),
-    (["--collector.efa.timeout", "0"], "--collector.efa.timeout must be > 0"),
-    (["--job-mapping-dir", "/nonexistent/dir"], "--job-mapping-dir /nonexistent/dir: not a directory"),
+    (["--collector.efa.timeout", "0"], "--collector.efa.timeout must be a finite number of seconds > 0, got 0"),
+    (["--collector.timeout", "nan"], "--collector.timeout must be a finite number of seconds > 0, got nan"),
+    (["--collector.efa.timeout", "inf"], "--collector.efa.timeout must be a finite number of seconds > 0, got inf"),
+    (["--collector.timeout", "-1"], "--collector.timeout must be a finite number of seconds > 0, got -1"),
+    (["--job-mapping-dir", "/etc/hostname"], "--job-mapping-dir /etc/hostname: exists but is not a directory"),
+    (["--web.listen-address", "127.0.0.1:65536"], "--web.listen-address '127.0.0.1:65536': expected HOST:PORT"),
+    (["--web.listen-address", "127.0.0.1:٩٤١٠"], "--web.listen-address '127.0.0.1:٩٤١٠': expected HOST:PORT"),
 ])
 def test_cli_rejects_bad_flags_without_traceback(args: list[str], message: str, capsys) -> None:
     assert main(["node-exporter", *args]) == 2
-    assert f"rankwatch: error: {message}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"rankwatch: error: {message}" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_missing_job_mapping_dir_is_no_job_yet(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """As the Slurm unit starts it after a reboot: /run/rankwatch/job-mapping does not exist
+    until the first job's prolog. The exporter serves, says so once, and labels the GPUs with
+    the job as soon as the prolog has written the mapping."""
+    mapping = tmp_path / "run" / "job-mapping"
+    port = promserver.free_port()
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rankwatch", "node-exporter", "--simulate",
+                                 "--simulate-gpus", "2", "--simulate-efa", "1", "--job-mapping-dir", str(mapping),
+                                 "--web.listen-address", f"127.0.0.1:{port}"],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env)
+    try:
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert 'collector="gpu"} 1' in text and "hpc_job" not in text
+        mapping.mkdir(parents=True)  # what prolog.sh does for job 4242 on GPU 1
+        (mapping / "1").write_text("4242\n")
+        temp = [line for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
+                if line.startswith("DCGM_FI_DEV_GPU_TEMP{")]
+        assert [('hpc_job="4242"' in line) for line in temp] == [False, True]
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=20)
+    assert code == 0, log.read_text()
+    assert f"HPC job mapping directory {mapping} does not exist yet" in log.read_text()
 
 
 def test_cli_port_in_use(capsys) -> None:
@@ -258,14 +298,14 @@ def test_real_pynvml_without_a_gpu_serves_efa(subprocess_env: dict[str, str], tm
                                  "--web.listen-address", f"127.0.0.1:{port}", "--hostname", "cpu-node"],
                                 stdout=out, stderr=subprocess.STDOUT, env=subprocess_env)
     try:
-        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         s = series(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
         assert s['rankwatch_exporter_collector_success{collector="efa"}'] == 1
         assert len([k for k in s if k.startswith("node_amazonefa_info{")]) == 4
         assert [v for k, v in s.items() if k.startswith("rankwatch_gpu_nvml_available")] == [int(has_driver)]
     finally:
         proc.terminate()
-        code = proc.wait(timeout=20)
+        code = proc.wait(timeout=120)
     assert code == 0, log.read_text()
     assert ("NVML unavailable" in log.read_text()) is not has_driver
 
@@ -281,3 +321,11 @@ def test_renderer_label_cache_stays_bounded_and_correct() -> None:
         fam.add_metric([f"j{job}", 'a"b'], float(job))
         assert renderer.render([fam]).decode().splitlines()[-1] == f'rw_test{{job="j{job}",quote="a\\"b"}} {job}.0'
         assert len(renderer._labels) <= 10
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_library_timeouts_must_be_finite_and_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        EfaCollector(SYSFS, timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        NodeExporter([FailingCollector()], "node-x", collector_timeout=timeout)

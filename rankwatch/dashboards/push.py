@@ -11,12 +11,12 @@ import copy
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import requests
 
 from rankwatch.errors import ConfigError, RankwatchError
+from rankwatch.secrets import read_secret_file, secret_from_env
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,14 @@ def resolve_token(token_file: str | None = None, environ: dict[str, str] | None 
     """The service-account token: `GRAFANA_TOKEN`, else the file ``token_file`` or
     `GRAFANA_TOKEN_FILE` (a mounted Secret, a systemd credential)."""
     env = os.environ if environ is None else environ
-    if env.get("GRAFANA_TOKEN", "").strip():
-        return env["GRAFANA_TOKEN"].strip()
+    token = secret_from_env("GRAFANA_TOKEN", env, what="Grafana token")
+    if token:
+        return token
     path = token_file or env.get("GRAFANA_TOKEN_FILE")
     if not path:
         raise ConfigError("no Grafana token: set GRAFANA_TOKEN, or GRAFANA_TOKEN_FILE / --token-file to a file "
                           "holding a service account token (Editor role)")
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the Grafana token file {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"the Grafana token file {path} is empty")
-    return token
+    return read_secret_file(path, what="Grafana token")
 
 
 def live_run(prometheus_url: str) -> str | None:
@@ -77,22 +72,29 @@ class GrafanaClient:
         self._session.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/json"})
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, json_body: Any = None) -> requests.Response:
+    def call(self, method: str, path: str, json_body: Any = None, *,
+             headers: dict[str, str] | None = None) -> requests.Response:
+        """One API call; 401 (and connection failures) are errors, other statuses are the caller's."""
         url = self.base_url + path
         try:
-            resp = self._session.request(method, url, json=json_body, timeout=self.timeout)
+            resp = self._session.request(method, url, json=json_body, timeout=self.timeout, headers=headers)
         except requests.RequestException as exc:
             raise RankwatchError(f"cannot reach Grafana at {self.base_url}: {type(exc).__name__}") from None
         if resp.status_code == 401:
             raise RankwatchError(f"Grafana at {self.base_url} rejected the token (401 Unauthorized): check that "
                                  "GRAFANA_TOKEN holds a valid, unexpired service account token")
+        return resp
+
+    def _call(self, method: str, path: str, json_body: Any = None) -> requests.Response:
+        resp = self.call(method, path, json_body)
         if resp.status_code == 403:
             raise RankwatchError(f"Grafana at {self.base_url} refused {method} {path} (403): the service account "
                                  "needs the Editor role (or dashboard write permission on the folder)")
         return resp
 
     @staticmethod
-    def _message(resp: requests.Response) -> str:
+    def message(resp: requests.Response) -> str:
+        """Grafana's error message from ``resp``, shortened."""
         try:
             body = resp.json()
         except ValueError:
@@ -106,7 +108,7 @@ class GrafanaClient:
         if resp.status_code == 200:
             return str(resp.json()["uid"])
         if resp.status_code != 404:
-            raise RankwatchError(f"Grafana: looking up folder {uid!r} failed ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana: looking up folder {uid!r} failed ({resp.status_code}): {self.message(resp)}")
         resp = self._call("POST", "/api/folders", {"uid": uid, "title": title})
         if resp.status_code == 200:
             log.info("created Grafana folder %r", title)
@@ -116,14 +118,14 @@ class GrafanaClient:
             for folder in listing.json() if listing.status_code == 200 else []:
                 if folder.get("title") == title:
                     return str(folder["uid"])
-        raise RankwatchError(f"Grafana: cannot create folder {title!r} ({resp.status_code}): {self._message(resp)}")
+        raise RankwatchError(f"Grafana: cannot create folder {title!r} ({resp.status_code}): {self.message(resp)}")
 
     def current_version(self, uid: str) -> int | None:
         resp = self._call("GET", f"/api/dashboards/uid/{uid}")
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:
-            raise RankwatchError(f"Grafana: reading dashboard {uid!r} failed ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana: reading dashboard {uid!r} failed ({resp.status_code}): {self.message(resp)}")
         return int(resp.json()["dashboard"].get("version") or 0)
 
     def save_dashboard(self, dashboard: dict[str, Any], folder_uid: str, *, overwrite: bool) -> PushResult:
@@ -141,9 +143,9 @@ class GrafanaClient:
                 raise RankwatchError(f"dashboard {title!r} (uid {uid}) was changed in Grafana since this push read "
                                      "it (412 version-mismatch); rerun with --overwrite to replace those changes")
             raise RankwatchError(f"Grafana refused dashboard {title!r} (412 {status or 'precondition failed'}): "
-                                 f"{self._message(resp)}")
+                                 f"{self.message(resp)}")
         if resp.status_code != 200:
-            raise RankwatchError(f"Grafana refused dashboard {title!r} ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana refused dashboard {title!r} ({resp.status_code}): {self.message(resp)}")
         body = resp.json()
         return PushResult(uid=str(body.get("uid", uid)), title=str(title), url=self.base_url + str(body.get("url", "")),
                           version=int(body.get("version", 0)))
