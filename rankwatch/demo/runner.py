@@ -520,8 +520,16 @@ def run_demo(cfg: DemoConfig, report_dir: Path, *, live: bool | None = None, con
 def detector_toml(cfg: DemoConfig, prom_url: str, slack_api_url: str) -> str:
     """The detector's configuration for compressed time. Only cadence-bound settings change
     from the defaults (which are for 15 s windows over hours): the statistical thresholds —
-    z-score, minimum slowdown, persistence and hysteresis in windows — stay as shipped."""
+    z-score, minimum slowdown, the sequential test's charts and hysteresis in windows — stay as
+    shipped; the charts' seconds (minimum durations, thresholds of excess) shrink with the
+    windows, as the demo's time does."""
+    from rankwatch.detectors.config import DetectorConfig
+
     warmup = max(cfg.window, cfg.warmup_seconds / 2)
+    shipped = DetectorConfig()
+    scale = cfg.window / shipped.window_s
+    durations = ", ".join(f"{d * scale:g}" for d in shipped.cusum_min_duration_s)
+    thresholds = ", ".join(f"{h * scale:g}" for h in shipped.cusum_thresholds_s)
     # A hang is no step for max(hang_factor × median step, hang_min_s): the simulated job's
     # evaluation step takes three nominal steps, so ten keep well clear of it while still
     # catching the XID 79 hang inside its slot.
@@ -533,6 +541,8 @@ interval_s = {cfg.eval_interval:g}
 window_s = {cfg.window:g}
 warmup_s = {warmup:g}
 hang_min_s = {hang_min:g}
+cusum_min_duration_s = [{durations}]
+cusum_thresholds_s = [{thresholds}]
 
 [slack]
 bot_token_env = "SLACK_BOT_TOKEN"
