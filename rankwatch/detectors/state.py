@@ -1,6 +1,11 @@
 """The detector's persistent state in SQLite: the core's state (open episodes, baselines), the
 last evaluated data time, and an outbox of the events each cycle produced.
 
+The core's state is stored in parts (each top-level entry, and each entry of a top-level table
+of tables), and a cycle writes only the parts whose text changed since the last commit: open
+episodes, run registries and the like mostly stay as they were, and a part that did not
+change costs a string comparison instead of a row write.
+
 One transaction per cycle stores the core state *and* that cycle's events (unpublished); the
 service then publishes them and marks them published. A restart therefore resumes after the
 last saved evaluation (no episode fires twice) and re-publishes only events that a crash
@@ -30,7 +35,7 @@ from rankwatch.events import Event
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the core state in parts (core_parts); 1 is upgraded in place
 # Published events kept for inspection (`sqlite3 state.db 'select body from events'`).
 KEEP_PUBLISHED = 10_000
 # How long a transaction waits for another process' lock before the cycle gives up saving.
@@ -70,6 +75,9 @@ class DetectorState:
         self.path = str(path)
         self.lock_timeout_s = lock_timeout_s
         self._file: tuple[int, int] | None = None
+        # Text of every part as last committed to this file (empty: write them all).
+        self._written: dict[str, str] = {}
+        self.parts_written = 0  # parts the last save wrote (the others were unchanged)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._open(check=True)
@@ -77,6 +85,7 @@ class DetectorState:
     # --- opening, and the file's accidents ---------------------------------------------------
 
     def _connect(self, check: bool) -> None:
+        self._written = {}  # a file (re)opened: its parts are not known to match memory
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                   timeout=self.lock_timeout_s)
         try:
@@ -163,15 +172,16 @@ class DetectorState:
         with self._tx():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is not None and int(row[0]) != SCHEMA_VERSION:
+            if row is not None and int(row[0]) not in (1, SCHEMA_VERSION):
                 raise ConfigError(f"state database {self.path}: schema version {row[0]}, this rankwatch uses "
                                   f"{SCHEMA_VERSION}; move the file away to start afresh")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("""CREATE TABLE IF NOT EXISTS core_state (
                 id INTEGER PRIMARY KEY CHECK (id = 1),
                 last_time REAL NOT NULL,
                 state TEXT NOT NULL,
                 saved_at REAL NOT NULL)""")
+            self.db.execute("CREATE TABLE IF NOT EXISTS core_parts (name TEXT PRIMARY KEY, body TEXT NOT NULL)")
             self.db.execute("""CREATE TABLE IF NOT EXISTS events (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,
                 time REAL NOT NULL,
@@ -181,35 +191,60 @@ class DetectorState:
                 body TEXT NOT NULL,
                 published INTEGER NOT NULL DEFAULT 0)""")
             self.db.execute("CREATE INDEX IF NOT EXISTS events_unpublished ON events (published) WHERE published = 0")
+            # Version 1 kept the whole state as one JSON text in core_state: split it into parts.
+            old = self.db.execute("SELECT state FROM core_state WHERE id = 1 AND state != ''").fetchone()
+            if old is not None:
+                try:
+                    parts = split_state(json.loads(old[0]))
+                except ValueError as exc:
+                    raise ConfigError(f"state database {self.path}: stored state is not valid JSON ({exc})") from None
+                self.db.executemany("INSERT OR REPLACE INTO core_parts VALUES (?, ?)", parts.items())
+                self.db.execute("UPDATE core_state SET state = '' WHERE id = 1")
 
     def _tx(self) -> _Transaction:
         return _Transaction(self.db)
 
     def load(self) -> tuple[dict[str, Any] | None, float | None]:
         """(core state, last evaluated data time), or (None, None) on a fresh database."""
-        row = self.db.execute("SELECT state, last_time FROM core_state WHERE id = 1").fetchone()
+        row = self.db.execute("SELECT last_time FROM core_state WHERE id = 1").fetchone()
         if row is None:
             return None, None
+        parts = dict(self.db.execute("SELECT name, body FROM core_parts").fetchall())
         try:
-            return json.loads(row[0]), float(row[1])
+            state = join_state(parts)
         except ValueError as exc:
             raise ConfigError(f"state database {self.path}: stored state is not valid JSON ({exc})") from None
+        self._written = parts
+        return state, float(row[0])
 
     def save(self, t: float, core_state: dict[str, Any], events: Sequence[Event]) -> list[int]:
         """Atomically store the state after evaluating ``t`` and that evaluation's events; returns
-        the events' outbox ids (for ``mark_published``). Raises ``StateError`` when the file
-        cannot be written (locked past ``lock_timeout_s``, disk full)."""
-        body = json.dumps(core_state, separators=(",", ":"), default=_json_default)
+        the events' outbox ids (for ``mark_published``). Only the parts of the state whose text
+        changed since the last commit are written. Raises ``StateError`` when the file cannot be
+        written (locked past ``lock_timeout_s``, disk full)."""
+        parts = split_state(core_state)
 
         def write() -> list[int]:
             ids: list[int] = []
+            written = self._written  # read here: a reopened file starts empty, and gets every part
+            changed = [(n, b) for n, b in parts.items() if written.get(n) != b]
             with self._tx():
-                self.db.execute("INSERT OR REPLACE INTO core_state VALUES (1, ?, ?, ?)", (t, body, time.time()))
+                self.db.execute("INSERT OR REPLACE INTO core_state VALUES (1, ?, '', ?)", (t, time.time()))
+                if not written:
+                    self.db.execute("DELETE FROM core_parts")
+                else:
+                    gone = [(n,) for n in written if n not in parts]
+                    if gone:
+                        self.db.executemany("DELETE FROM core_parts WHERE name = ?", gone)
+                if changed:
+                    self.db.executemany("INSERT OR REPLACE INTO core_parts VALUES (?, ?)", changed)
                 for e in events:
                     cur = self.db.execute(
                         "INSERT INTO events (time, kind, state, episode, body) VALUES (?, ?, ?, ?, ?)",
                         (e.time, e.kind, e.state, e.episode, e.to_json()))
                     ids.append(int(cur.lastrowid or 0))
+            self._written = parts  # committed: this is what the file holds now
+            self.parts_written = len(changed)
             return ids
 
         return self._write(write)
@@ -250,6 +285,43 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _splittable(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict | list) for v in value.values())
+
+
+def split_state(state: dict[str, Any]) -> dict[str, str]:
+    """The core state as parts, name -> JSON text. A top-level table whose entries are all
+    tables or lists (per-tracker, per-run, per-GPU-map entries) gives one part per entry plus
+    an empty-table marker (so that it survives having no entries); anything else is one part.
+    Part names are JSON lists of the keys: nothing in a key can make two names collide."""
+    parts: dict[str, str] = {}
+    for key, value in state.items():
+        if _splittable(value):
+            parts[_dumps([key])] = "{}"
+            for sub, v in value.items():
+                parts[_dumps([key, str(sub)])] = _dumps(v)
+        else:
+            parts[_dumps([key])] = _dumps(value)
+    return parts
+
+
+def join_state(parts: dict[str, str]) -> dict[str, Any]:
+    """The inverse of ``split_state``."""
+    state: dict[str, Any] = {}
+    for name in sorted(parts, key=lambda n: len(json.loads(n))):  # the tables before their entries
+        path = json.loads(name)
+        value = json.loads(parts[name])
+        if len(path) == 1:
+            state[path[0]] = value
+        else:
+            state.setdefault(path[0], {})[path[1]] = value
+    return state
 
 
 def _json_default(obj: Any) -> Any:
