@@ -38,11 +38,17 @@ class DetectorConfig:
     and pipeline-stage imbalance raise nothing (see BENCHMARKS.md, detector section)."""
 
     # --- cadence -------------------------------------------------------------------------
+    # Both are floors: the detector learns each source's sample spacing from the data and
+    # evaluates at most once per probe scrape, over windows of at least interval + spacing and
+    # three samples (detectors/cadence.py). A value set here that the data makes too short is
+    # raised, with a warning.
     interval_s: float = 15.0  # seconds between evaluations
-    # Per-window quantities are means over this many seconds ending at the evaluation time.
-    # Equal to the interval by default so windows do not overlap and persistence counts
-    # independent evidence; keep it >= 2-3 scrape intervals of the probes.
-    window_s: float = 15.0
+    window_s: float = 15.0  # per-window quantities are rates over this many seconds
+
+    # --- coverage ------------------------------------------------------------------------
+    # A hole in the coverage (ranks of a live run without data, a silent node exporter under
+    # a live run, failing queries) that lasts this long (data time) raises a data_gap event.
+    gap_min_s: float = 120.0
 
     # --- stragglers ----------------------------------------------------------------------
     z_threshold: float = 3.5  # modified z-score (median/MAD, MAD scaled to sigma) to flag a rank
@@ -128,7 +134,7 @@ class DetectorConfig:
 
 
 _POSITIVE = frozenset({
-    "interval_s", "window_s", "z_threshold", "persist_windows", "resolve_windows", "missing_resolve_windows",
+    "interval_s", "window_s", "gap_min_s", "z_threshold", "persist_windows", "resolve_windows", "missing_resolve_windows",
     "min_steps_per_window", "throttle_persist_windows", "gpu_resolve_windows", "health_fail_value",
     "efa_min_increase", "efa_own_factor", "efa_fleet_factor", "network_persist_windows",
     "network_resolve_windows", "hang_factor", "hang_min_s", "throughput_min_segment", "throughput_history",

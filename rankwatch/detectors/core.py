@@ -2,7 +2,9 @@
 
 Runs the rules in dependency order — GPU health and network first, so that each straggler
 event can carry the hardware evidence that explains it; then stragglers, hangs and
-throughput — and turns the per-cycle verdicts into episodes (persistence, hysteresis)."""
+throughput, and last the coverage (``data_gap``) — and turns the per-cycle verdicts into
+episodes (persistence, hysteresis). A run that ended (none of its ranks answers for it any
+more) gets no verdict, and its open episodes close."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.coverage import Coverage, GapDetector, measure
 from rankwatch.detectors.diagnose import straggler_finding_text
 from rankwatch.detectors.episodes import EpisodeTracker, Finding
 from rankwatch.detectors.gpu_health import GpuHealth
@@ -23,6 +26,8 @@ from rankwatch.detectors.throughput import ThroughputDetector
 from rankwatch.events import Event
 
 STATE_VERSION = 1
+# Episode kinds whose subject is a run: closed when their run ends.
+_RUN_KINDS = ("straggler", "hang", "throughput_drop", "data_gap")
 _BASIS_ALPHA = 0.05  # weight of one clean evaluation in a rank's clustering basis
 
 
@@ -36,11 +41,16 @@ class DetectorCore:
             "network": EpisodeTracker("network", cfg.network_persist_windows, cfg.network_resolve_windows, miss),
             "hang": EpisodeTracker("hang", 1, 1, miss),
             "throughput_drop": EpisodeTracker("throughput_drop", 1, 2, miss),
+            "data_gap": EpisodeTracker("data_gap", 1, 1, miss),
         }
         self.gpu = GpuHealth(cfg)
         self.net = NetworkHealth(cfg)
         self.hang = HangDetector(cfg)
         self.throughput = ThroughputDetector(cfg)
+        self.gaps = GapDetector(cfg)
+        # What the last evaluation saw out of what it knows (for logs, /metrics, heartbeats).
+        self.coverage: Coverage | None = None
+        self.ended_since: dict[str, float] = {}  # run -> data time it was first seen ended
         self.run_first_seen: dict[str, float] = {}
         self.last_time: float | None = None
         self.scores: dict[tuple[str, int], float] = {}
@@ -57,6 +67,9 @@ class DetectorCore:
         t = snap.time
         self.last_time = t
         events: list[Event] = []
+        rank_data = not _rank_queries_failed(snap)
+        cov = self.coverage = measure(snap)
+        closing = self._close_ended_runs(t, cov, snap) if rank_data else {}
 
         gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
         net_findings, net_diag = self.net.evaluate(snap)
@@ -114,19 +127,58 @@ class DetectorCore:
                 score=s, summary=summary, severity=sev, evidence=ev,
                 resolved_summary=f"Rank {o.rank} of run {o.run} is no longer a straggler (score {s:.1f}).",
             ))
-        events += self.trackers["straggler"].update(t, findings)
+        events += self.trackers["straggler"].update(t, findings + closing.get("straggler", []))
         self._update_basis(sc)
         self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
                         for st in self.trackers["straggler"].open_episodes().values()}
 
-        if not _rank_queries_failed(snap):
-            events += self.trackers["hang"].update(t, self.hang.evaluate(snap))
+        if rank_data:
+            events += self.trackers["hang"].update(t, self.hang.evaluate(snap) + closing.get("hang", []))
             open_tp = {st["subject"]["run"] for st in self.trackers["throughput_drop"].open_episodes().values()}
             causes = self._top_causes(snap)
-            events += self.trackers["throughput_drop"].update(t, self.throughput.evaluate(snap, warm, open_tp, causes))
-        order = {"gpu_fault": 0, "network": 1, "hang": 2, "straggler": 3, "throughput_drop": 4}
+            events += self.trackers["throughput_drop"].update(
+                t, self.throughput.evaluate(snap, warm, open_tp, causes) + closing.get("throughput_drop", []))
+        gap = self.trackers["data_gap"]
+        hung = {st["subject"].get("run") for st in self.trackers["hang"].open_episodes().values()}
+        closed = {f.key for f in closing.get("data_gap", [])}
+        gap_findings = [f for f in self.gaps.evaluate(snap, cov, gap.open_keys - closed, hung) if f.key not in closed]
+        events += gap.update(t, gap_findings + closing.get("data_gap", []))
+        order = {"gpu_fault": 0, "network": 1, "hang": 2, "straggler": 3, "throughput_drop": 4, "data_gap": 5}
         events.sort(key=lambda e: (e.state != "resolved", order.get(e.kind, 9)))
         return events
+
+    def _close_ended_runs(self, t: float, cov: Coverage, snap: Snapshot) -> dict[str, list[Finding]]:
+        """Clean findings, resolving at once, for the open episodes of runs that ended: none of
+        their ranks answers (listed ended by the coverage) or none is known at all, at two
+        evaluations in a row (one scrape lost everywhere is not the end of a run)."""
+        live = set(cov.runs)
+        ended_now = set(cov.ended_runs)
+        for kind in _RUN_KINDS:
+            for st in self.trackers[kind].open_episodes().values():
+                run = st["subject"].get("run")
+                if run is not None and run not in live:
+                    ended_now.add(run)
+        for run in list(self.ended_since):
+            if run not in ended_now:
+                del self.ended_since[run]
+        closing: dict[str, list[Finding]] = defaultdict(list)
+        for run in ended_now:
+            since = self.ended_since.setdefault(run, t)
+            if since >= t:
+                continue
+            for kind in _RUN_KINDS:
+                for key, st in self.trackers[kind].open_episodes().items():
+                    if st["subject"].get("run") == run:
+                        closing[kind].append(Finding(
+                            key=key, flagged=False, subject=st["subject"], score=0.0, summary="",
+                            resolved_summary=f"Run {run} ended: its {kind} episode is closed.",
+                            evidence={"reason": "run ended", "ended_since": since}, resolve=1))
+        # forget what the rules keep per run once it has gone, so state stays bounded
+        known_runs = {r.run for r in snap.ranks}
+        for run in list(self.run_first_seen):
+            if run not in known_runs and run not in live:
+                del self.run_first_seen[run]
+        return closing
 
     def _update_basis(self, sc: Any) -> None:
         cols = sc.cols
@@ -176,6 +228,7 @@ class DetectorCore:
             "trackers": {k: tr.export() for k, tr in self.trackers.items()},
             "gpu": self.gpu.export(), "network": self.net.export(), "hang": self.hang.export(),
             "throughput": self.throughput.export(),
+            "gaps": self.gaps.export(), "ended_since": self.ended_since,
             "smooth": self.smooth.export(),
             "compute_basis": self.compute_basis.export(),
             "basis_count": self.basis_count.export(),
@@ -194,6 +247,8 @@ class DetectorCore:
         self.net.load(state.get("network", {}))
         self.hang.load(state.get("hang", {}))
         self.throughput.load(state.get("throughput", {}))
+        self.gaps.load(state.get("gaps", {}))
+        self.ended_since = {str(k): float(v) for k, v in state.get("ended_since", {}).items()}
         self.smooth.load(state.get("smooth", {}))
         self.compute_basis.load(state.get("compute_basis", {}))
         self.basis_count.load(state.get("basis_count", {}))
@@ -214,6 +269,11 @@ def _attach_runs(snap: Snapshot, findings: list[Finding]) -> None:
     for r in snap.ranks:
         if r.node in nodes:
             on_node[r.node].append(r)
+    for node, ranks in on_node.items():
+        # ranks whose endpoints answer for them: a run that ended there is not the one hurt
+        answering = [r for r in ranks if r.up]
+        if answering:
+            on_node[node] = answering
     uuids = {(g.node, g.gpu): g.uuid for g in snap.gpus if g.uuid and g.node in nodes}
     for f in todo:
         node, gpu = f.subject["node"], f.subject.get("gpu")

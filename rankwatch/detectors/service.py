@@ -5,7 +5,11 @@ Nothing outside the loop's control stops it: failed queries are in the Snapshot 
 counted in /metrics), a sink that raises is logged and counted, an unexpected error in a cycle
 is logged and the next cycle runs. Live mode evaluates at multiples of the interval (data time),
 a few seconds after they pass so the scrapes have landed; after a restart it first catches up
-on the evaluations it missed (bounded by ``max_catchup_s``)."""
+on the evaluations it missed (bounded by ``max_catchup_s``).
+
+With a ``Cadence`` the loop follows the data: the sample spacing is learned at the first cycle
+and re-learned regularly, the source's windows and the evaluation interval follow it, and the
+log says what is watched (a summary per run, one line per coverage change)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from rankwatch.detectors.cadence import Cadence
+from rankwatch.detectors.coverage import Coverage
+from rankwatch.detectors.coverage_log import CoverageLog
 from rankwatch.detectors.metrics import DetectorMetrics
 from rankwatch.detectors.model import Snapshot
 from rankwatch.detectors.state import DetectorState
@@ -82,16 +89,20 @@ class CycleResult:
     errors: list[str]
     duration_s: float
     all_failed: bool
+    # what the evaluation saw out of what it knows (``Coverage.describe()`` is one log line)
+    coverage: Coverage | None = None
 
 
 class DetectorService:
     def __init__(self, source: SnapshotSource, core: Core, *, interval_s: float, writer: EventWriter | None = None,
                  sinks: Iterable[EventSink] = (), state: DetectorState | None = None,
                  metrics: DetectorMetrics | None = None, query_delay_s: float = 2.0, max_catchup_s: float = 3600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, cadence: Cadence | None = None) -> None:
         self.source = source
         self.core = core
-        self.interval_s = float(interval_s)
+        self._interval_s = float(interval_s)
+        self.cadence = cadence
+        self.coverage_log = CoverageLog()
         self.writer = writer
         self.sinks = list(sinks)
         self.state = state
@@ -100,6 +111,7 @@ class DetectorService:
         self.max_catchup_s = max_catchup_s
         self.clock = clock
         self.last_time: float | None = None
+        self.cycles = 0
         if state is not None:
             saved, last = state.load()
             if saved is not None:
@@ -111,6 +123,35 @@ class DetectorService:
                 self.last_time = last
                 log.info("resumed detector state: last evaluation at %.0f", last)
             self._publish_pending()
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds between evaluations: the cadence's (following the data) when there is one."""
+        return self.cadence.plan.interval_s if self.cadence is not None else self._interval_s
+
+    def _follow_data(self, t: float) -> None:
+        """Re-learn the sample spacing when due; the source's windows follow the plan."""
+        if self.cadence is None:
+            return
+        changed = self.cadence.update(t)
+        plan = self.cadence.plan
+        set_windows = getattr(self.source, "set_windows", None)
+        if changed and set_windows is not None:
+            set_windows(plan.window_s, plan.node_window_s)
+        if self.metrics is not None and (changed or self.cycles == 0):
+            self.metrics.observe_plan(plan)
+
+    def _report_coverage(self, t: float) -> Coverage | None:
+        cov: Coverage | None = getattr(self.core, "coverage", None)
+        if cov is None:
+            return None
+        first = getattr(self.core, "run_first_seen", {})
+        warmup = getattr(getattr(self.core, "config", None), "warmup_s", 0.0)
+        self.coverage_log.observe(cov, self.cadence.plan if self.cadence is not None else None,
+                                  {run: max(0.0, first.get(run, t) + warmup - t) for run in cov.runs})
+        if self.metrics is not None:
+            self.metrics.observe_coverage(cov, len(getattr(self.source, "queries", ())) or None)
+        return cov
 
     def _publish_pending(self) -> None:
         assert self.state is not None
@@ -138,6 +179,7 @@ class DetectorService:
         """Evaluate data time ``t``: snapshot, evaluate, save, publish. Never raises."""
         started = time.perf_counter()
         try:
+            self._follow_data(t)
             snap = self.source.snapshot(t)
             events = self.core.evaluate(snap)
         except Exception:
@@ -146,6 +188,8 @@ class DetectorService:
                 self.metrics.cycle_failures.inc()
             return CycleResult(t, [], ["cycle: unexpected error"], time.perf_counter() - started, True)
         self.last_time = t
+        self.cycles += 1
+        cov = self._report_coverage(t)
         ids: list[int] = []
         if self.state is not None:
             try:
@@ -167,7 +211,7 @@ class DetectorService:
                 flagged=self.core.flagged,
                 counts={"ranks": len(snap.ranks), "gpus": len(snap.gpus), "nics": len(snap.nics),
                         "nodes": len(snap.nodes)})
-        return CycleResult(t, events, list(snap.errors), duration, all_failed)
+        return CycleResult(t, events, list(snap.errors), duration, all_failed, cov)
 
     def first_time(self) -> float:
         """The first data time to evaluate: right after the saved one (catching up at most
@@ -186,11 +230,14 @@ class DetectorService:
             if t > due:
                 stop.wait(max(0.0, t + self.query_delay_s - self.clock()))
                 continue
+            interval = self.interval_s
             res = self.run_cycle(t)
             if res.errors:
                 log.warning("evaluation at %.0f: %d quer%s failed", t, len(res.errors),
                             "y" if len(res.errors) == 1 else "ies")
             t += self.interval_s
+            if self.interval_s != interval:
+                t = align_up(t, self.interval_s)  # the data's spacing changed the grid
             if res.all_failed:
                 # Nothing answered: do not replay a backlog into an unreachable server.
                 t = max(t, align_down(self.clock() - self.query_delay_s, self.interval_s))
@@ -216,14 +263,23 @@ class RangeResult:
 
 
 def evaluate_range(snapshots: Iterable[Snapshot], core: Core, *, writer: EventWriter | None = None,
-                   sinks: Iterable[EventSink] = ()) -> RangeResult:
+                   sinks: Iterable[EventSink] = (), coverage_log: CoverageLog | None = None,
+                   cadence: Cadence | None = None) -> RangeResult:
     """Replay and backtest: evaluate a sequence of Snapshots (data time) and publish the events
-    of each evaluation before the next, exactly as the live loop would have."""
+    of each evaluation before the next, exactly as the live loop would have (and log the same
+    coverage lines with ``coverage_log``)."""
     sinks = list(sinks)
     n = n_events = 0
     first = last = None
+    warmup = getattr(getattr(core, "config", None), "warmup_s", 0.0)
     for snap in snapshots:
         events = core.evaluate(snap)
+        if coverage_log is not None:
+            first_seen = getattr(core, "run_first_seen", {})
+            cov = getattr(core, "coverage", None)
+            coverage_log.observe(cov, cadence.plan if cadence is not None else None,
+                                 {run: max(0.0, first_seen.get(run, snap.time) + warmup - snap.time)
+                                  for run in (cov.runs if cov is not None else ())})
         n += 1
         n_events += len(events)
         first = snap.time if first is None else first

@@ -25,6 +25,7 @@ from rankwatch.detectors.promql import (
     GPU_INCREASE,
     GPU_LAST_VALUE,
     GPU_WINDOW_AVG,
+    NIC_SEEN,
     NODE_GPUS_ANSWERING,
     NODE_GPUS_EXPECTED,
     NODE_INFO,
@@ -33,6 +34,7 @@ from rankwatch.detectors.promql import (
     Query,
     build_queries,
     merge_for_instant,
+    spacing_query,
 )
 
 log = logging.getLogger(__name__)
@@ -146,16 +148,17 @@ def _gc_paused() -> Iterator[None]:
 
 
 def build_snapshots(times: Sequence[float], window_s: float, results: Mapping[str, list[Series]],
-                    errors: Sequence[str] = ()) -> list[Snapshot]:
+                    errors: Sequence[str] = (), node_window_s: float | None = None) -> list[Snapshot]:
     """One Snapshot per time in ``times`` (evenly spaced) from the series of each query of
-    ``promql.build_queries``. A query name absent from ``results`` means that query failed:
-    its quantities stay missing."""
+    ``promql.build_queries`` (probe windows of ``window_s``, node windows of ``node_window_s``,
+    default the same). A query name absent from ``results`` means that query failed: its
+    quantities stay missing."""
     with _gc_paused():
-        return _build_snapshots(times, window_s, results, errors)
+        return _build_snapshots(times, window_s, results, errors, node_window_s or window_s)
 
 
 def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[str, list[Series]],
-                     errors: Sequence[str]) -> list[Snapshot]:
+                     errors: Sequence[str], node_window_s: float) -> list[Snapshot]:
     tb = _Tables(times, results)
     ok = results.__contains__
 
@@ -200,11 +203,13 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
     efa_t = {name.split(":", 1)[1]: tb.table(
         name, lambda lb: (lb.get("instance", ""), lb["device"], lb.get("port") or "1") if lb.get("device") else None)
         for name in results if name.startswith("efa:")}
+    nic_seen_t = tb.table(NIC_SEEN, lambda lb: (lb.get("instance", ""), lb["device"], lb.get("port") or "1")
+                          if lb.get("device") else None)
 
     identity_cache: dict[int, dict[str, Any]] = {}  # keyed by id() of label dicts alive in `results`
     snaps: list[Snapshot] = []
     for i, t in enumerate(times):
-        snap = Snapshot(time=t, window_s=window_s, errors=list(errors))
+        snap = Snapshot(time=t, window_s=window_s, node_window_s=node_window_s, errors=list(errors))
         up = {k: v >= 1 for k, v in up_t[i].items()}
         host_of: dict[str, str] = {}
         for (ins, name), lbs in node_seen_t[i].items():
@@ -215,12 +220,15 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
             snap.ranks = _ranks(i, info_seen_t, fresh_t, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
                                 sections_t, identity_cache)
         if have_gpus:
-            snap.gpus = _gpus(i, window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
+            snap.gpus = _gpus(i, node_window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
         if have_nodes:
             nodes: dict[str, NodeObs] = {}
             for ins, host in host_of.items():
                 n = nodes.setdefault(host, NodeObs(node=host, exporter_up=False))
-                n.exporter_up = n.exporter_up or up.get(ins, (ins, NODE_INFO) in node_fresh_t[i])
+                # Reporting = its own series have a sample in the node window (the window its
+                # GPUs are judged on), not merely `up`: absence is judged against the data's
+                # spacing, so a GPU is never "lost" for lack of a sample its node lacks too.
+                n.exporter_up = n.exporter_up or ((ins, NODE_INFO) in node_fresh_t[i] and up.get(ins, True))
             for (ins, name), lbs in node_fresh_t[i].items():
                 # the exporter's GPU counts carry Hostname; else join through the instance
                 host = max(lb.get("Hostname", "") for lb, _ in lbs) or host_of.get(ins, "")
@@ -238,12 +246,15 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
                 host = host_of.get(ins) or _host_of_instance(ins)
                 nic = nics.setdefault((host, dev, port), NicObs(node=host, device=dev, port=port))
                 if counter == "tx_bytes":
-                    nic.tx_bytes_rate = v / window_s
+                    nic.tx_bytes_rate = v / node_window_s
                 elif counter == "rx_bytes":
-                    nic.rx_bytes_rate = v / window_s
+                    nic.rx_bytes_rate = v / node_window_s
                 if counter not in EFA_THROUGHPUT_COUNTERS:
                     nic.increase[counter] = v
         snap.nics = [nics[k] for k in sorted(nics)]
+        if ok(NIC_SEEN):
+            snap.nics_seen = sorted({(host_of.get(ins) or _host_of_instance(ins), dev, port)
+                                     for ins, dev, port in nic_seen_t[i]})
         snaps.append(snap)
     return snaps
 
@@ -259,6 +270,9 @@ def _ranks(i: int, info_seen_t: list, fresh_t: list, up: dict[str, bool], steps_
         pref = (int(fresh), int(up.get(ins, fresh)), ins, key[2])
         if key[:2] not in chosen or pref > chosen[key[:2]][0]:
             chosen[key[:2]] = (pref, lbs[0][0])
+    # An endpoint answers for the rank whose series it serves now: once a new job reuses the
+    # port, the old run's ranks (their series stale) are not "up" just because `up` is 1.
+    serving = {ins for (_, ins) in fresh_t[i]}
     ranks: dict[tuple[str, int, str], RankObs] = {}
     for (run, rank), ((fresh, _, ins, node), lb) in chosen.items():
         static = identity_cache.get(id(lb))
@@ -269,7 +283,8 @@ def _ranks(i: int, info_seen_t: list, fresh_t: list, up: dict[str, bool], steps_
                 "tp": _int(lb.get("tp")), "dp": _int(lb.get("dp")), "cp": _int(lb.get("cp"))}
         # Without an `up` series (replay files may lack it) a target answers if its series have
         # samples inside the window.
-        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=up.get(ins, bool(fresh)), **static)
+        answers = up.get(ins, bool(fresh)) and (bool(fresh) or ins not in serving)
+        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=answers, **static)
     # Values join on (run, rank, node): series a rank left behind on another node are ignored.
     steps = steps_t[i]
     for key, v in steps.items():
@@ -342,14 +357,51 @@ class PromSource:
     contend for the GIL while parsing JSON)."""
 
     def __init__(self, client: PromClient, window_s: float, efa_counters: Sequence[str], *,
-                 max_workers: int = 4, chunk_steps: int = RANGE_CHUNK_STEPS, merge_instant: bool = True) -> None:
+                 node_window_s: float | None = None, max_workers: int = 4, chunk_steps: int = RANGE_CHUNK_STEPS,
+                 merge_instant: bool = True) -> None:
         self.client = client
         self.chunk_steps = max(1, int(chunk_steps))
-        self.window_s = float(window_s)
-        self.queries: list[Query] = build_queries(window_s, efa_counters)
-        self.instant_queries = merge_for_instant(self.queries) if merge_instant else list(self.queries)
+        self.efa_counters = tuple(efa_counters)
+        self.merge_instant = merge_instant
+        self.set_windows(window_s, node_window_s)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(self.queries))),
                                         thread_name_prefix="promql")
+
+    def set_windows(self, window_s: float, node_window_s: float | None = None) -> None:
+        """Probe and node-exporter windows of the following snapshots (the query set follows)."""
+        self.window_s = float(window_s)
+        self.node_window_s = float(node_window_s or window_s)
+        self.queries: list[Query] = build_queries(self.window_s, self.efa_counters, self.node_window_s)
+        self.instant_queries = merge_for_instant(self.queries) if self.merge_instant else list(self.queries)
+
+    def sample_spacing(self, t: float) -> dict[str, float | None]:
+        """Live: each source's sample spacing in seconds at data time ``t`` (median over its
+        series; None where the source has no series with history)."""
+        out: dict[str, float | None] = {}
+        for source in ("probe", "node"):
+            try:
+                rows = self.client.query(spacing_query(source), t)
+            except PromQueryError as exc:
+                log.warning("cannot learn the %s sample spacing at %.3f: %s", source, t, exc)
+                rows = []
+            vals = [v for _, v in rows if math.isfinite(v) and v > 0]
+            out[source] = vals[0] if vals else None
+        return out
+
+    def sample_spacing_range(self, start: float, end: float, points: int = 60) -> dict[str, float | None]:
+        """Replay/backtest: each source's sample spacing over ``start..end`` (median over about
+        ``points`` evaluation times of the per-time median over series)."""
+        step = max((end - start) / max(points - 1, 1), 1.0)
+        out: dict[str, float | None] = {}
+        for source in ("probe", "node"):
+            try:
+                rows = self.client.query_range(spacing_query(source), start, max(end, start), step)
+            except PromQueryError as exc:
+                log.warning("cannot learn the %s sample spacing over %.0f..%.0f: %s", source, start, end, exc)
+                rows = []
+            vals = sorted(v for _, pts in rows for _, v in pts if math.isfinite(v) and v > 0)
+            out[source] = vals[len(vals) // 2] if vals else None
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -407,7 +459,7 @@ class PromSource:
             results, errors = self._run_all(instant, self.instant_queries)
             for e in errors:
                 log.warning("query failed at %.3f: %s", t, e)
-            return build_snapshots([t], self.window_s, results, errors)[0]
+            return build_snapshots([t], self.window_s, results, errors, self.node_window_s)[0]
 
     def snapshots(self, start: float, end: float, step: float) -> Iterator[Snapshot]:
         """Replay/backtest: one Snapshot per ``start + k*step <= end``, from range queries."""
@@ -432,6 +484,6 @@ class PromSource:
                     pending = submit(chunks[k + 1])
                 for e in errors:
                     log.warning("range query failed for %.3f..%.3f: %s", times[0], times[-1], e)
-                snaps = build_snapshots(times, self.window_s, results, errors)
+                snaps = build_snapshots(times, self.window_s, results, errors, self.node_window_s)
                 del results
             yield from snaps
