@@ -277,7 +277,7 @@ def run_detect(args: argparse.Namespace) -> int:
                 interval = plan.interval_s
                 # from the first evaluation whose windows the data covers (before it, every rank would
                 # count as a rank without data)
-                start = align_up(t_min + min(plan.window_s, plan.node_window_s), interval)
+                start = align_up(t_min + max(plan.window_s, plan.node_window_s), interval)
                 end = align_down(t_max, interval)
                 res = evaluate_range(source.snapshots(start, end, interval), DetectorCore(config), writer=writer,
                                      sinks=sinks, coverage_log=CoverageLog(), cadence=cadence) if end >= start else None

@@ -74,10 +74,10 @@ class NetworkHealth:
             findings.append(Finding(
                 key=f"efa:{node}", flagged=flagged, subject={"node": node, "nic": worst_dev},
                 score=float(score), severity="warning",
-                summary=(f"EFA errors rising on {node} ({names} in {snap.window_s:g} s; worst device {worst_dev}), "
+                summary=(f"EFA errors rising on {node} ({names} in {snap.node_window_s or snap.window_s:g} s; worst device {worst_dev}), "
                          "well above its own past and the fleet."),
                 resolved_summary=f"EFA error counters on {node} are back to normal.",
-                evidence={"counters": bad, "devices": devices[node] if flagged else {}, "window_s": snap.window_s},
+                evidence={"counters": bad, "devices": devices[node] if flagged else {}, "window_s": snap.node_window_s or snap.window_s},
                 persist=cfg.network_persist_windows, resolve=cfg.network_resolve_windows,
             ))
         return findings, diag
