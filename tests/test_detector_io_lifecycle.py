@@ -5,43 +5,48 @@ the NICs known over the lookback are what coverage counts against."""
 
 from __future__ import annotations
 
-from test_detector_io_source import gpu_results, info, one, probe
+from test_detector_io_source import T, gpu_results, info, one, probe
 
 from rankwatch.detectors.core import DetectorCore
 from rankwatch.detectors.coverage import measure
 
-RANK_QUERIES = ("rank_info_seen", "rank_steps_rate", "rank_step_seconds_rate", "rank_section_rate",
+RANK_QUERIES = ("rank_info_seen", "rank_info_now", "rank_steps_rate", "rank_step_seconds_rate", "rank_section_rate",
                 "rank_tokens_rate", "rank_gauges", "targets_up")
 
 
-def results(runs: dict[str, bool], up: float = 1.0) -> dict[str, list]:
-    """Ranks 0-3 of each run on the same four endpoints; ``runs``: run -> its series are fresh."""
+def results(runs: dict[str, str], up: float = 1.0) -> dict[str, list]:
+    """Ranks 0-3 of each run on the same four endpoints. ``runs``: run -> "gone" (its series are
+    only in the lookback), "starting" (in the endpoints' latest scrape, no rate yet) or "running"."""
     r: dict[str, list] = {q: [] for q in RANK_QUERIES}
     for k in range(4):
         r["targets_up"].append(({"__name__": "up", "instance": probe(k)["instance"], "job": "probe"}, up))
-        for run, fresh in runs.items():
+        for run, state in runs.items():
             r["rank_info_seen"].append(({**info(k), "run": run}, 1.0))
+            # the time of its info series' latest sample: 2 s ago, or 40 s ago for a run gone
+            r["rank_info_now"].append(({**info(k), "run": run}, T - (40.0 if state == "gone" else 2.0)))
             r["rank_gauges"].append(({"__name__": "rankwatch_step", **probe(k), "run": run}, 50.0))
-            if fresh:
+            if state == "running":
                 r["rank_steps_rate"].append(({**probe(k), "run": run}, 2.0))
                 r["rank_step_seconds_rate"].append(({**probe(k), "run": run}, 1.0))
     return r
 
 
 def test_a_new_run_on_the_same_ports_does_not_keep_the_old_one_answering() -> None:
-    snap = one(results({"old": False, "new": True}))
-    up = {(r.run, r.rank): r.up for r in snap.ranks}
-    assert up == {**{("old", k): False for k in range(4)}, **{("new", k): True for k in range(4)}}
-    cov = measure(snap)
-    assert cov.ended_runs == ["old"] and set(cov.runs) == {"new"}
+    # the new job's probes answer (`up` is 1) before its ranks have a rate: the ports are theirs
+    for new in ("starting", "running"):
+        snap = one(results({"old": "gone", "new": new}))
+        up = {(r.run, r.rank): r.up for r in snap.ranks}
+        assert up == {**{("old", k): False for k in range(4)}, **{("new", k): True for k in range(4)}}, new
+        cov = measure(snap)
+        assert cov.ended_runs == ["old"] and set(cov.runs) == {"new"}
     # nothing about the old run: no hang, though its last step is old and `up` is 1
     core = DetectorCore()
-    events = core.evaluate(snap) + core.evaluate(one(results({"old": False, "new": True})))
+    events = core.evaluate(snap) + core.evaluate(one(results({"old": "gone", "new": "running"})))
     assert [e for e in events if e.run == "old"] == []
 
 
 def test_a_run_whose_endpoints_are_down_has_ended() -> None:
-    snap = one(results({"old": False}, up=0.0))
+    snap = one(results({"old": "gone"}, up=0.0))
     assert not any(r.up for r in snap.ranks)
     assert measure(snap).ended_runs == ["old"]
 
@@ -49,7 +54,7 @@ def test_a_run_whose_endpoints_are_down_has_ended() -> None:
 def test_answering_endpoints_without_samples_in_the_window_are_blindness_not_an_end() -> None:
     # `up` is 1 and no other run took the ports, but the window holds no rate (too short for the
     # scrape interval): the run is live and the detector is blind to it — counted, not hidden
-    snap = one(results({"r": False}))
+    snap = one(results({"r": "starting"}))
     assert all(r.up and r.steps_rate is None for r in snap.ranks)
     cov = measure(snap)
     assert cov.blind and cov.runs["r"].with_data == 0 and cov.runs["r"].expected == 4

@@ -104,6 +104,7 @@ class Query:
 # Label that tags the rows of a merged instant query with the name of their own query.
 QUERY_TAG = "rankwatch_query"
 NIC_SEEN = "nic_seen"
+RANK_INFO_NOW = "rank_info_now"
 
 
 def _instant_group(name: str) -> str | None:
@@ -182,6 +183,11 @@ def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: f
         # Ranks: rankwatch_rank_info is the registry. A rank is fresh when its step counter has
         # samples in the window (rate() needs two): no separate freshness query.
         Query("rank_info_seen", f"last_over_time({RANK_INFO}[{lb}])"),
+        # Time of each rank's latest info sample: its endpoint answers for that rank when it is
+        # inside the window. Live, a series missing from its target's last scrape (the process
+        # exited or was stopped, or the port now serves another run) is marked stale and drops
+        # out at once; in a replay file its age says the same.
+        Query(RANK_INFO_NOW, f"timestamp({RANK_INFO})"),
         Query("rank_steps_rate", f"rate(rankwatch_steps_total[{w}])"),
         # Per-step means are divided out in the source: rate(x_seconds_total) / rate(steps_total).
         Query("rank_step_seconds_rate", f"rate(rankwatch_step_seconds_total[{w}])"),

@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import math
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +31,7 @@ from rankwatch.detectors.promql import (
     NODE_INFO,
     QUERY_TAG,
     RANK_GAUGES,
+    RANK_INFO_NOW,
     Query,
     build_queries,
     merge_for_instant,
@@ -181,6 +182,8 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
         return (k, lb.get("instance", "")) if k else None
 
     info_seen_t = tb.labelled("rank_info_seen", info_key)
+    # without the query (it failed, or hand-made results) a rank answers when its counters do
+    info_now_t = tb.table(RANK_INFO_NOW, info_key) if ok(RANK_INFO_NOW) else None
     # fresh = the rank's step counter has samples in the window, whatever its value
     fresh_t = tb.table("rank_steps_rate", info_key)
     steps_t = tb.table("rank_steps_rate", _rank_key)
@@ -217,7 +220,9 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
             if name == NODE_INFO and host:
                 host_of[ins] = host
         if have_ranks:
-            snap.ranks = _ranks(i, info_seen_t, fresh_t, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
+            current = fresh_t[i] if info_now_t is None else \
+                {k for k, ts in info_now_t[i].items() if t - ts < window_s}
+            snap.ranks = _ranks(i, info_seen_t, fresh_t, current, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
                                 sections_t, identity_cache)
         if have_gpus:
             snap.gpus = _gpus(i, node_window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
@@ -259,32 +264,33 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
     return snaps
 
 
-def _ranks(i: int, info_seen_t: list, fresh_t: list, up: dict[str, bool], steps_t: list,
-           step_sec_t: list, tokens_t: list, rank_gauges_t: list, sections_t: list,
+def _ranks(i: int, info_seen_t: list, fresh_t: list, current: Collection[Hashable], up: dict[str, bool],
+           steps_t: list, step_sec_t: list, tokens_t: list, rank_gauges_t: list, sections_t: list,
            identity_cache: dict[int, dict[str, Any]]) -> list[RankObs]:
     # rankwatch_rank_info is the registry of ranks. A rank that restarted elsewhere has two info
-    # series: prefer the fresh, answering one (then the larger instance, to be deterministic).
-    chosen: dict[tuple[str, int], tuple[tuple[int, int, str, str], Labels]] = {}
+    # series: prefer the current, fresh, answering one (then the larger instance, to be
+    # deterministic).
+    chosen: dict[tuple[str, int], tuple[tuple[int, int, int, str, str], Labels]] = {}
     for (key, ins), lbs in info_seen_t[i].items():
+        now = (key, ins) in current
         fresh = (key, ins) in fresh_t[i]
-        pref = (int(fresh), int(up.get(ins, fresh)), ins, key[2])
+        pref = (int(now), int(fresh), int(up.get(ins, now)), ins, key[2])
         if key[:2] not in chosen or pref > chosen[key[:2]][0]:
             chosen[key[:2]] = (pref, lbs[0][0])
-    # An endpoint answers for the rank whose series it serves now: once a new job reuses the
-    # port, the old run's ranks (their series stale) are not "up" just because `up` is 1.
-    serving = {ins for (_, ins) in fresh_t[i]}
     ranks: dict[tuple[str, int, str], RankObs] = {}
-    for (run, rank), ((fresh, _, ins, node), lb) in chosen.items():
+    for (run, rank), ((now, _, _, ins, node), lb) in chosen.items():
         static = identity_cache.get(id(lb))
         if static is None:  # parsed once per info series, not once per evaluation time
             static = identity_cache[id(lb)] = {
                 "local_rank": _int(lb.get("local_rank")), "world_size": _int(lb.get("world_size")),
                 "gpu": lb.get("gpu") or None, "gpu_uuid": lb.get("gpu_uuid") or None, "pp": _int(lb.get("pp")),
                 "tp": _int(lb.get("tp")), "dp": _int(lb.get("dp")), "cp": _int(lb.get("cp"))}
-        # Without an `up` series (replay files may lack it) a target answers if its series have
-        # samples inside the window.
-        answers = up.get(ins, bool(fresh)) and (bool(fresh) or ins not in serving)
-        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=answers, **static)
+        # An endpoint answers for the rank whose series it serves now (its info series is in the
+        # target's latest scrape): once a new job reuses the port, the old run's ranks are not
+        # "up" just because `up` is 1. Without an `up` series (replay files may lack it) that
+        # is all there is to know.
+        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=bool(now) and up.get(ins, True),
+                                           **static)
     # Values join on (run, rank, node): series a rank left behind on another node are ignored.
     steps = steps_t[i]
     for key, v in steps.items():
