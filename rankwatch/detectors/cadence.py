@@ -29,8 +29,10 @@ from rankwatch.detectors.config import DetectorConfig
 log = logging.getLogger(__name__)
 
 MIN_WINDOW_SAMPLES = 3
-# Re-learn the spacing this often (data time) once known; while unknown, every evaluation.
-RELEARN_S = 600.0
+# Re-learn the spacing this often (data time) once known; while unknown, every evaluation. Two
+# one-number queries: cheap enough to follow a change (or correct a first measurement taken
+# from a job's first samples) within two minutes.
+RELEARN_S = 120.0
 # A newly measured spacing replaces the current one only when it differs by more than this
 # fraction (a missed scrape or jitter must not re-plan the windows).
 SPACING_HYSTERESIS = 0.1

@@ -17,10 +17,14 @@ from rankwatch.detectors.coverage import Coverage, RunCoverage
 log = logging.getLogger("rankwatch.detector")
 
 
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
+
+
 def run_summary(c: RunCoverage, plan: WindowPlan | None, first_verdict_s: float | None) -> str:
     labels = "yes" if c.layout_labels else "no: peers found by clustering"
-    line = (f"watching run {c.run}: {c.expected} ranks (layout labels: {labels}), {len(c.nodes)} nodes, "
-            f"{c.gpus} GPUs, {c.nics} NICs")
+    line = (f"watching run {c.run}: {_n(c.expected, 'rank')} (layout labels: {labels}), {_n(len(c.nodes), 'node')}, "
+            f"{_n(c.gpus, 'GPU')}, {_n(c.nics, 'NIC')}")
     if plan is not None:
         win = f"window {plan.window_s:g} s" if plan.window_s == plan.node_window_s else \
             f"window {plan.window_s:g} s (node {plan.node_window_s:g} s)"

@@ -75,10 +75,11 @@ SPACING_SERIES = {
     "node": f'{{__name__=~"{NODE_INFO}|{GPU_PRESENCE_METRIC}"}}',
 }
 # Spans over which a series' mean sample spacing is measured: the longest one its history
-# covers wins (5 min: many samples, robust to a missed scrape; 1 min: a job's first minutes).
-# One millisecond more than a round number so that no sample sits exactly on the window's
-# edge, where Prometheus 2 (closed windows) and 3 / VictoriaMetrics (left-open) disagree.
-SPACING_SPANS_MS = (300_001, 60_001)
+# covers wins (5 min: many samples, robust to a missed scrape; 1 min and 15 s: a job's first
+# samples — one interval between two samples is already exact, whatever the span). One
+# millisecond more than a round number so that no sample sits exactly on the window's edge,
+# where Prometheus 2 (closed windows) and 3 / VictoriaMetrics (left-open) disagree.
+SPACING_SPANS_MS = (300_001, 60_001, 15_001)
 
 
 def tagged(parts: Sequence[tuple[str, str]], label: str = "q") -> str:
