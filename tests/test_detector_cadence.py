@@ -179,3 +179,65 @@ def test_victoria_metrics_answers_the_spacing_query(tmp_path: Path) -> None:
         client.close()
     finally:
         vm.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_scrape_replay(tmp_path_factory: pytest.TempPathFactory):
+    """A 16-rank job scraped every 15 s whose rank 13 is 30 % slower from 150 s to 420 s."""
+    from rankwatch.sim.scenario import Scenario, write_replay
+    from rankwatch.sim.training import Fault, Layout
+
+    sc = Scenario("slow-scrape", layout=Layout(tp=4, pp=2, dp=2), nodes=2, duration_s=600, scrape_s=15.0,
+                  faults=[Fault("slowdown", rank=13, start_s=150, end_s=420, magnitude=0.3)])
+    om, _, _ = write_replay(sc, tmp_path_factory.mktemp("slow"))
+    return sc, om
+
+
+def test_live_loop_follows_the_data_and_replay_gives_the_same_events(slow_scrape_replay, tmp_path: Path) -> None:
+    """No config: the live service learns the 15 s spacing at its first cycle, widens its windows
+    to 45 s, exports what it sees — and prints exactly the events `rankwatch detect --replay`
+    prints for the same samples."""
+    import json
+
+    from rankwatch.cli import main
+    from rankwatch.detectors.core import DetectorCore
+    from rankwatch.detectors.metrics import DetectorMetrics
+    from rankwatch.detectors.prom_client import PromClient, PromConnection
+    from rankwatch.detectors.replay import ReplayDataset
+    from rankwatch.detectors.service import DetectorService, align_down, align_up
+    from rankwatch.detectors.source import PromSource
+
+    sc, om = slow_scrape_replay
+    cfg = DetectorConfig()
+    replayed = tmp_path / "replay.jsonl"
+    assert main(["detect", "--replay", str(om), "--quiet", "--events-file", str(replayed)]) == 0
+    with ReplayDataset(om) as ds:
+        src = PromSource(PromClient(PromConnection(ds.url)), cfg.window_s, cfg.efa_error_counters)
+        metrics = DetectorMetrics(cfg.interval_s)
+        svc = DetectorService(src, DetectorCore(cfg), interval_s=cfg.interval_s, metrics=metrics,
+                              cadence=Cadence(cfg, src.sample_spacing))
+        try:
+            # the live grid from the first time whose 45 s windows the data covers, as replay does
+            t, live, results = align_up(ds.min_time + 45, 15), [], []
+            while t <= align_down(ds.max_time, 15):
+                res = svc.run_cycle(t)
+                results.append(res)
+                live += [json.loads(e.to_json()) for e in res.events]
+                t += svc.interval_s
+        finally:
+            src.close()
+    assert (svc.interval_s, src.window_s, src.node_window_s) == (15.0, 45.0, 45.0)
+    assert live == [json.loads(line) for line in replayed.read_text().splitlines()]
+    assert [(e["state"], e["rank"]) for e in live if e["kind"] == "straggler"] == [("firing", 13), ("resolved", 13)]
+    # what it saw, on the cycle result (for a heartbeat) and in /metrics
+    cov = results[-1].coverage
+    assert cov is not None and cov.describe() == "run sim-run 16/16 ranks; GPUs 16/16; NICs 8/8; node exporters 2/2"
+    value = metrics.registry.get_sample_value
+    assert value("rankwatch_detector_coverage_known", {"source": "ranks"}) == 16
+    assert value("rankwatch_detector_coverage_with_data", {"source": "nics"}) == 8
+    assert value("rankwatch_detector_run_ranks_with_data", {"run": "sim-run"}) == 16
+    assert value("rankwatch_detector_sample_spacing_seconds", {"source": "probe"}) == 15
+    assert value("rankwatch_detector_window_seconds", {"source": "node"}) == 45
+    assert value("rankwatch_detector_interval_seconds") == 15
+    assert value("rankwatch_detector_last_cycle_failed_queries") == 0
+    assert value("rankwatch_detector_last_cycle_queries") == len(src.queries)
