@@ -60,6 +60,10 @@ def test_explicit_window_too_short_is_raised_with_a_warning() -> None:
     # two samples: still a rate, but one late scrape leaves it empty
     plan = plan_windows(DetectorConfig(window_s=30.0), Spacing(15, 15), explicit={"window_s"})
     assert plan.window_s == 45 and "one late scrape leaves it empty" in plan.warnings[0]
+    # three samples, but windows 15 s apart that are 15 s long skip the scrape-to-scrape
+    # increase across their boundary
+    plan = plan_windows(DetectorConfig(window_s=15.0), Spacing(5, 5), explicit={"window_s"})
+    assert plan.window_s == 20 and "the increase between one window and the next would be lost" in plan.warnings[0]
     # a window long enough is kept as given
     assert plan_windows(DetectorConfig(window_s=120.0), Spacing(15, 15), explicit={"window_s"}).window_s == 120
 

@@ -97,11 +97,12 @@ def plan_windows(cfg: DetectorConfig, spacing: Spacing, explicit: Collection[str
             return cfg.window_s
         if "window_s" in explicit:
             samples = int(cfg.window_s / s + 1e-9)
+            why = ("rate() and increase() see nothing" if samples < 2 else
+                   "one late scrape leaves it empty" if samples < MIN_WINDOW_SAMPLES else
+                   "the increase between one window and the next would be lost")
             warnings.append(
                 f"window_s = {cfg.window_s:g} s holds {samples} sample{'s' if samples != 1 else ''} of the {what} "
-                f"(scraped every {s:g} s, evaluated every {interval:g} s): "
-                f"{'rate() and increase() see nothing' if samples < 2 else 'one late scrape leaves it empty'}; "
-                f"using {need:g} s for the {what}")
+                f"(scraped every {s:g} s, evaluated every {interval:g} s): {why}; using {need:g} s for the {what}")
         return need
 
     return WindowPlan(interval_s=interval, window_s=window(spacing.probe_s, "probes"),

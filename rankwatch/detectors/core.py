@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rankwatch.detectors.config import DetectorConfig
-from rankwatch.detectors.coverage import Coverage, GapDetector, measure
+from rankwatch.detectors.coverage import Coverage, GapDetector, measure, tally_runs
 from rankwatch.detectors.diagnose import straggler_finding_text
 from rankwatch.detectors.episodes import EpisodeTracker, Finding
 from rankwatch.detectors.gpu_health import GpuHealth
@@ -68,7 +68,8 @@ class DetectorCore:
         self.last_time = t
         events: list[Event] = []
         rank_data = not _rank_queries_failed(snap)
-        cov = self.coverage = measure(snap)
+        tallies = tally_runs(snap.ranks)  # one pass over the ranks for the coverage and the hang rule
+        cov = self.coverage = measure(snap, tallies)
         closing = self._close_ended_runs(t, cov, snap) if rank_data else {}
 
         gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
@@ -133,7 +134,7 @@ class DetectorCore:
                         for st in self.trackers["straggler"].open_episodes().values()}
 
         if rank_data:
-            events += self.trackers["hang"].update(t, self.hang.evaluate(snap) + closing.get("hang", []))
+            events += self.trackers["hang"].update(t, self.hang.evaluate(snap, tallies) + closing.get("hang", []))
             open_tp = {st["subject"]["run"] for st in self.trackers["throughput_drop"].open_episodes().values()}
             causes = self._top_causes(snap)
             events += self.trackers["throughput_drop"].update(

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
 from typing import Any
 
 from rankwatch.detectors.config import DetectorConfig
@@ -22,6 +24,7 @@ from rankwatch.detectors.episodes import Finding
 from rankwatch.detectors.model import RankObs, Snapshot
 
 SOURCES = ("ranks", "gpus", "nics", "nodes")
+_PP, _NODE = attrgetter("pp"), attrgetter("node")
 _NAMED = 8  # ranks / nodes named in a sentence; the evidence lists up to _LISTED
 _LISTED = 64
 
@@ -33,15 +36,34 @@ class RunCoverage:
     known: int  # ranks with an identity series in the lookback
     with_data: int  # ranks whose counters have a rate in the window
     answering: int  # ranks whose endpoint answers for them
-    layout_labels: bool  # pp labels on every known rank
-    nodes: list[str]
     missing: list[RankObs] = field(default_factory=list)  # known, without data (first _LISTED)
-    gpus: int = 0  # GPUs known on its nodes
-    nics: int = 0  # NICs known on its nodes
+    # The run's ranks and the GPUs / NICs known per node: what the facts below are computed from,
+    # on demand — they serve log lines and silent nodes, not every cycle of a 100 000-rank job.
+    ranks: list[RankObs] = field(default_factory=list, repr=False, compare=False)
+    hardware: tuple[dict[str, int], dict[str, int]] = field(default=({}, {}), repr=False, compare=False)
 
     @property
     def never_seen(self) -> int:
         return max(self.expected - self.known, 0)
+
+    @cached_property
+    def nodes(self) -> list[str]:
+        return sorted(set(map(_NODE, self.ranks)))
+
+    @cached_property
+    def layout_labels(self) -> bool:
+        """pp labels on every known rank."""
+        return None not in map(_PP, self.ranks)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs known on its nodes."""
+        return sum(self.hardware[0].get(node, 0) for node in self.nodes)
+
+    @property
+    def nics(self) -> int:
+        """NICs known on its nodes."""
+        return sum(self.hardware[1].get(node, 0) for node in self.nodes)
 
 
 @dataclass
@@ -53,11 +75,18 @@ class Coverage:
     with_data: dict[str, int]
     runs: dict[str, RunCoverage]
     ended_runs: list[str]
-    # node exporters known but without data in the window, and nodes of live runs that no node
-    # exporter reports at all (their GPUs and NICs are not watched)
-    silent_nodes: list[str]
-    nodes_without_exporter: list[str]
+    silent_nodes: list[str]  # node exporters known but without data in the window
     failed_queries: list[str]
+    # node names some node exporter or GPU series reports (None: the node queries failed)
+    reporting_nodes: set[str] | None = field(default=None, repr=False)
+
+    @cached_property
+    def nodes_without_exporter(self) -> list[str]:
+        """Nodes of live runs that no node exporter reports at all: their GPUs and NICs are not
+        watched. Computed when asked (log lines), not every cycle."""
+        if not self.reporting_nodes:
+            return []
+        return sorted({node for c in self.runs.values() for node in c.nodes} - self.reporting_nodes)
 
     @property
     def blind(self) -> bool:
@@ -68,8 +97,7 @@ class Coverage:
         """What a change of coverage means: a count moved, a run came or went, queries started
         or stopped failing."""
         return (tuple((s, self.known[s], self.with_data[s]) for s in SOURCES),
-                tuple(sorted((r, c.expected, c.with_data) for r, c in self.runs.items())),
-                len(self.nodes_without_exporter), bool(self.failed_queries))
+                tuple(sorted((r, c.expected, c.with_data) for r, c in self.runs.items())), bool(self.failed_queries))
 
     def describe(self) -> str:
         """One line: ``run r 255/256 ranks (no data: rank 17 on node-02 GPU 1); GPUs 256/256; ...``."""
@@ -104,34 +132,61 @@ def _rank_name(r: RankObs) -> str:
     return f"rank {r.rank} on {r.node}{gpu}"
 
 
-def measure(snap: Snapshot) -> Coverage:
-    """Coverage of one snapshot. One pass over the ranks (plain attribute reads: cheap next to
-    the scoring at 100 000 ranks)."""
-    acc: dict[str, list[Any]] = {}
-    for r in snap.ranks:
+def tally_runs(ranks: list[RankObs]) -> dict[str, dict[str, Any]]:
+    """One pass over the ranks, per run: what the coverage and the hang rule need (the one
+    per-rank Python loop of both; at 100 000 ranks a second pass would cost 20 ms a cycle).
+
+    Keys: ``all`` (its ranks), ``answering`` / ``down`` (endpoint answers for the rank or not),
+    ``missing`` (no rate in the window, first _LISTED), ``n_missing``, ``world`` (largest
+    world_size), and over the answering ranks ``step`` (highest step number), ``last`` (latest
+    last-step time), ``rates`` (any has a rate), ``adv`` (any advanced), ``times`` (step seconds
+    of those that advanced)."""
+    acc: dict[str, dict[str, Any]] = {}
+    for r in ranks:
         a = acc.get(r.run)
         if a is None:
-            # known, with data, answering, world size, all with pp, nodes, missing
-            a = acc[r.run] = [0, 0, 0, 0, True, set(), []]
-        a[0] += 1
-        if r.steps_rate is not None:
-            a[1] += 1
-        elif len(a[6]) < _LISTED:
-            a[6].append(r)
-        if r.up:
-            a[2] += 1
-        if r.world_size and r.world_size > a[3]:
-            a[3] = r.world_size
-        if r.pp is None:
-            a[4] = False
-        a[5].add(r.node)
+            a = acc[r.run] = {"all": [], "answering": [], "down": [], "missing": [], "n_missing": 0, "world": 0,
+                              "step": None, "last": None, "rates": False, "adv": False, "times": []}
+        a["all"].append(r)
+        ws = r.world_size
+        if ws and ws > a["world"]:
+            a["world"] = ws
+        rate = r.steps_rate
+        if rate is None:
+            a["n_missing"] += 1
+            if len(a["missing"]) < _LISTED:
+                a["missing"].append(r)
+        if not r.up:
+            a["down"].append(r)
+            continue
+        a["answering"].append(r)
+        step, last = r.step, r.last_step_time
+        if step is not None and (a["step"] is None or step > a["step"]):
+            a["step"] = step
+        if last is not None and (a["last"] is None or last > a["last"]):
+            a["last"] = last
+        if rate is not None:
+            a["rates"] = True
+            if rate > 0:
+                a["adv"] = True
+                if r.step_seconds:
+                    a["times"].append(r.step_seconds)
+    return acc
+
+
+def measure(snap: Snapshot, tallies: dict[str, dict[str, Any]] | None = None) -> Coverage:
+    """Coverage of one snapshot (``tallies``: ``tally_runs(snap.ranks)``, if already made)."""
+    tallies = tally_runs(snap.ranks) if tallies is None else tallies
     runs: dict[str, RunCoverage] = {}
     ended = []
-    for run, (known, with_data, answering, world, labels, nodes, missing) in sorted(acc.items()):
-        if not answering:
+    for run in sorted(tallies):
+        a = tallies[run]
+        if not a["answering"]:
             ended.append(run)
             continue
-        runs[run] = RunCoverage(run, max(world, known), known, with_data, answering, labels, sorted(nodes), missing)
+        n = len(a["all"])
+        runs[run] = RunCoverage(run, max(a["world"], n), n, n - a["n_missing"], len(a["answering"]), a["missing"],
+                                a["all"])
     gpu_nodes: dict[str, int] = defaultdict(int)
     gpus_present = 0
     for g in snap.gpus:
@@ -144,10 +199,7 @@ def measure(snap: Snapshot) -> Coverage:
     for node, _, _ in nics:
         nics_on[node] += 1
     for c in runs.values():
-        c.gpus = sum(gpus_on.get(node, 0) for node in c.nodes)
-        c.nics = sum(nics_on.get(node, 0) for node in c.nodes)
-    live_nodes = {node for c in runs.values() for node in c.nodes}
-    node_names = {n.node for n in snap.nodes} | set(gpu_nodes)
+        c.hardware = (gpus_on, nics_on)
     silent = sorted(n.node for n in snap.nodes if not n.exporter_up)
     return Coverage(
         time=snap.time,
@@ -155,9 +207,8 @@ def measure(snap: Snapshot) -> Coverage:
                "nodes": len(snap.nodes)},
         with_data={"ranks": sum(c.with_data for c in runs.values()), "gpus": gpus_present, "nics": len(snap.nics),
                    "nodes": sum(n.exporter_up for n in snap.nodes)},
-        runs=runs, ended_runs=ended, silent_nodes=silent,
-        nodes_without_exporter=sorted(live_nodes - node_names) if snap.nodes or snap.gpus else [],
-        failed_queries=sorted({e.split(":", 1)[0] for e in snap.errors}))
+        runs=runs, ended_runs=ended, silent_nodes=silent, failed_queries=sorted({e.split(":", 1)[0] for e in snap.errors}),
+        reporting_nodes=({n.node for n in snap.nodes} | set(gpu_nodes)) if snap.nodes or snap.gpus else None)
 
 
 class GapDetector:
@@ -189,9 +240,11 @@ class GapDetector:
                  "ranks_never_seen": c.never_seen,
                  "ranks": [{"rank": r.rank, "node": r.node, "gpu": r.gpu, "answering": r.up} for r in c.missing]})
         rank_nodes: dict[str, list[str]] = defaultdict(list)
-        for run, c in cov.runs.items():
-            for node in c.nodes:
-                rank_nodes[node].append(run)
+        if cov.silent_nodes:  # the nodes of each run only when a node is silent (rare)
+            silent = set(cov.silent_nodes)
+            for run, c in cov.runs.items():
+                for node in silent.intersection(c.nodes):
+                    rank_nodes[node].append(run)
         for node in cov.silent_nodes:
             if node not in rank_nodes:
                 continue  # no live run there: RankwatchNodeExporterDown's business

@@ -10,6 +10,7 @@ Shared by the live service and replay, which therefore log the same lines for th
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from rankwatch.detectors.cadence import WindowPlan
 from rankwatch.detectors.coverage import Coverage, RunCoverage
@@ -43,6 +44,16 @@ class CoverageLog:
         self._key: tuple | None = None
         self._started = False
 
+    def observe_core(self, core: Any, t: float, plan: WindowPlan | None = None) -> Coverage | None:
+        """``observe`` the coverage of ``core``'s last evaluation at data time ``t``, with each
+        run's warm-up left as its time to the first verdict."""
+        cov: Coverage | None = getattr(core, "coverage", None)
+        if cov is not None:
+            first = getattr(core, "run_first_seen", {})
+            warmup = getattr(getattr(core, "config", None), "warmup_s", 0.0)
+            self.observe(cov, plan, {run: max(0.0, first.get(run, t) + warmup - t) for run in cov.runs})
+        return cov
+
     def observe(self, cov: Coverage | None, plan: WindowPlan | None = None,
                 first_verdict: dict[str, float] | None = None) -> list[str]:
         """Log what changed since the last call; returns the lines logged. ``first_verdict``:
@@ -67,7 +78,7 @@ class CoverageLog:
         key = cov.key()
         if key != self._key:
             partial = cov.blind or any(cov.known[s] != cov.with_data[s] for s in cov.known) or \
-                bool(cov.nodes_without_exporter or cov.failed_queries)
+                bool(cov.failed_queries or cov.nodes_without_exporter)
             if self._key is not None or partial:
                 lines.append((logging.WARNING if partial else logging.INFO, f"coverage: {cov.describe()}"))
             self._key = key

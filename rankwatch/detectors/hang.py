@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.coverage import tally_runs
 from rankwatch.detectors.episodes import Finding
 from rankwatch.detectors.model import RankObs, Snapshot
 
@@ -24,39 +25,21 @@ class HangDetector:
         self.runs: dict[str, dict[str, float]] = {}
         self.last_time: float | None = None
 
-    def evaluate(self, snap: Snapshot) -> list[Finding]:
+    def evaluate(self, snap: Snapshot, tallies: dict[str, dict[str, Any]] | None = None) -> list[Finding]:
+        """``tallies``: ``coverage.tally_runs(snap.ranks)``, if already made (one pass over the
+        ranks serves both)."""
         cfg = self.cfg
         prev_time, self.last_time = self.last_time, snap.time
-        # one pass over the ranks: per run, what the answering endpoints say about progress
-        acc: dict[str, dict[str, Any]] = {}
-        for r in snap.ranks:
-            a = acc.get(r.run)
-            if a is None:
-                a = acc[r.run] = {"n": 0, "up": 0, "step": None, "last": None, "rates": False, "adv": False,
-                                  "times": [], "ranks": [], "down": []}
-            a["n"] += 1
-            if not r.up:
-                a["down"].append(r)
-                continue
-            a["up"] += 1
-            a["ranks"].append(r)
-            if r.step is not None and (a["step"] is None or r.step > a["step"]):
-                a["step"] = r.step
-            if r.last_step_time is not None and (a["last"] is None or r.last_step_time > a["last"]):
-                a["last"] = r.last_step_time
-            if r.steps_rate is not None:
-                a["rates"] = True
-                if r.steps_rate > 0:
-                    a["adv"] = True
-                    if r.step_seconds:
-                        a["times"].append(r.step_seconds)
+        # per run, what the answering endpoints say about progress
+        acc = tally_runs(snap.ranks) if tallies is None else tallies
         for run in list(self.runs):
             if run not in acc:
                 del self.runs[run]  # gone from the data (beyond the lookback): nothing to keep
         findings = []
         for run, a in acc.items():
             st = self.runs.setdefault(run, {})
-            if not a["up"]:
+            n, up = len(a["all"]), len(a["answering"])
+            if not up:
                 # no endpoint answers for this run any more: it ended (its processes exited, or its
                 # ports now serve another run) or crashed, which is not a hang
                 continue
@@ -97,18 +80,18 @@ class HangDetector:
             limit = max(cfg.hang_min_s, cfg.hang_factor * step_s) if step_s else cfg.hang_min_s
             flagged = stalled > limit and not advanced
             ev: dict[str, Any] = {"stalled_s": round(stalled, 3), "limit_s": round(limit, 3), "median_step_s": step_s,
-                                  "last_step": progress, "ranks_up": a["up"], "ranks": a["n"]}
+                                  "last_step": progress, "ranks_up": up, "ranks": n}
             stuck_text = ""
             if flagged:
-                stuck = _stuck_ranks(a["down"], a["ranks"], progress)
+                stuck = _stuck_ranks(a["down"], a["answering"], progress)
                 ev["stuck_ranks"] = stuck[:_LISTED]
                 ev["ranks_not_answering"] = len(a["down"])
-                stuck_text = _describe_stuck(stuck, a["n"], progress)
+                stuck_text = _describe_stuck(stuck, n, progress)
             findings.append(Finding(
                 key=f"hang:{run}", flagged=bool(flagged), subject={"run": run}, score=stalled / limit if limit else 0.0,
                 severity="critical",
                 summary=(f"Run {run} is hung: {stuck_text}no step for {stalled:.0f} s (median step {step_s or 0:.2f} s) "
-                         f"while {a['up']} of {a['n']} rank endpoints still answer."),
+                         f"while {up} of {n} rank endpoints still answer."),
                 resolved_summary=f"Run {run} is stepping again.",
                 evidence=ev, persist=1, resolve=1,
             ))

@@ -142,14 +142,8 @@ class DetectorService:
             self.metrics.observe_plan(plan)
 
     def _report_coverage(self, t: float) -> Coverage | None:
-        cov: Coverage | None = getattr(self.core, "coverage", None)
-        if cov is None:
-            return None
-        first = getattr(self.core, "run_first_seen", {})
-        warmup = getattr(getattr(self.core, "config", None), "warmup_s", 0.0)
-        self.coverage_log.observe(cov, self.cadence.plan if self.cadence is not None else None,
-                                  {run: max(0.0, first.get(run, t) + warmup - t) for run in cov.runs})
-        if self.metrics is not None:
+        cov = self.coverage_log.observe_core(self.core, t, self.cadence.plan if self.cadence is not None else None)
+        if cov is not None and self.metrics is not None:
             self.metrics.observe_coverage(cov, len(getattr(self.source, "queries", ())) or None)
         return cov
 
@@ -271,15 +265,10 @@ def evaluate_range(snapshots: Iterable[Snapshot], core: Core, *, writer: EventWr
     sinks = list(sinks)
     n = n_events = 0
     first = last = None
-    warmup = getattr(getattr(core, "config", None), "warmup_s", 0.0)
     for snap in snapshots:
         events = core.evaluate(snap)
         if coverage_log is not None:
-            first_seen = getattr(core, "run_first_seen", {})
-            cov = getattr(core, "coverage", None)
-            coverage_log.observe(cov, cadence.plan if cadence is not None else None,
-                                 {run: max(0.0, first_seen.get(run, snap.time) + warmup - snap.time)
-                                  for run in (cov.runs if cov is not None else ())})
+            coverage_log.observe_core(core, snap.time, cadence.plan if cadence is not None else None)
         n += 1
         n_events += len(events)
         first = snap.time if first is None else first
