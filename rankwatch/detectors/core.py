@@ -70,7 +70,7 @@ class DetectorCore:
         rank_data = not _rank_queries_failed(snap)
         tallies = tally_runs(snap.ranks)  # one pass over the ranks for the coverage and the hang rule
         cov = self.coverage = measure(snap, tallies)
-        closing = self._close_ended_runs(t, cov, snap) if rank_data else {}
+        closing = self._close_ended_runs(t, cov) if rank_data else {}
 
         gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
         net_findings, net_diag = self.net.evaluate(snap)
@@ -79,13 +79,14 @@ class DetectorCore:
         events += self.trackers["network"].update(t, net_findings)
 
         seen = self.run_first_seen
-        for run in {r.run for r in snap.ranks if r.up and r.steps_rate}:
-            seen.setdefault(run, t)
+        for run, a in tallies.items():
+            if a["adv"]:  # an answering rank completed steps in the window
+                seen.setdefault(run, t)
         warm = {run for run, first in seen.items() if t - first >= cfg.warmup_s}
         # the probe queries failed this cycle: their quantities are missing, never zero
-        if _rank_queries_failed(snap):
+        if not rank_data:
             rank_ranks = []
-        elif all(run in warm for run in {r.run for r in snap.ranks}):
+        elif all(run in warm for run in tallies):
             rank_ranks = snap.ranks
         else:
             rank_ranks = [r for r in snap.ranks if r.run in warm]
@@ -148,7 +149,7 @@ class DetectorCore:
         events.sort(key=lambda e: (e.state != "resolved", order.get(e.kind, 9)))
         return events
 
-    def _close_ended_runs(self, t: float, cov: Coverage, snap: Snapshot) -> dict[str, list[Finding]]:
+    def _close_ended_runs(self, t: float, cov: Coverage) -> dict[str, list[Finding]]:
         """Clean findings, resolving at once, for the open episodes of runs that ended: none of
         their ranks answers (listed ended by the coverage) or none is known at all, at two
         evaluations in a row (one scrape lost everywhere is not the end of a run)."""
@@ -175,9 +176,8 @@ class DetectorCore:
                             resolved_summary=f"Run {run} ended: its {kind} episode is closed.",
                             evidence={"reason": "run ended", "ended_since": since}, resolve=1))
         # forget what the rules keep per run once it has gone, so state stays bounded
-        known_runs = {r.run for r in snap.ranks}
         for run in list(self.run_first_seen):
-            if run not in known_runs and run not in live:
+            if run not in live and run not in ended_now:
                 del self.run_first_seen[run]
         return closing
 
