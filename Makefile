@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv test lint demo dashboards bench clean
+.PHONY: all setup system-deps venv test lint demo dashboards docs bench gpu-check clean
 
 all: test
 
@@ -51,8 +51,18 @@ demo: setup
 dashboards: venv
 	$(PY) -m rankwatch dashboards generate --out dashboards --kubernetes-out deploy/kubernetes/base/generated
 
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
+# On a GPU machine, its own Python (torch on CUDA) runs the check; elsewhere the project's venv,
+# which says at once that there is no GPU.
+gpu-check:
+	@if python3 -c "import torch, prometheus_client, pynvml, rich" 2>/dev/null; then py=python3; \
+	else $(MAKE) -s venv && py=$(PY); fi; \
+	PYTHONPATH=$(CURDIR) $$py -m rankwatch.gpucheck $(GPU_CHECK_ARGS)
+
 bench: setup
 	@echo "see BENCHMARKS.md for each benchmark's command"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-report site

@@ -5,7 +5,8 @@ Measures, on a synthetic snapshot (pp stages known, one slowed rank, per-rank no
 * ``score_ranks``: the statistics core (arrays, peer groups, median/MAD, slow signal);
 * ``DetectorCore.evaluate``: the whole rank path of a cycle (episodes, hang, throughput),
   on the second cycle so that state exists;
-* the same without layout labels (peer groups by clustering).
+* the same without layout labels (peer groups by clustering);
+* ``extract``: the one Python pass over the ``RankObs`` list inside ``score_ranks`` (the rest is numpy).
 Time is the median of ``--repeat`` runs, as wall time and as this process's CPU time (the
 latter is what to read on a shared, loaded machine); peak memory is tracemalloc's peak during one cycle
 (Python and numpy allocations), measured in a separate run so it does not slow the timing.
@@ -17,6 +18,7 @@ The snapshot itself (what the source builds from PromQL) is built outside the ti
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rankwatch.detectors.config import DetectorConfig  # noqa: E402
 from rankwatch.detectors.core import DetectorCore  # noqa: E402
 from rankwatch.detectors.model import RankObs, Snapshot  # noqa: E402
-from rankwatch.detectors.straggler import score_ranks  # noqa: E402
+from rankwatch.detectors.straggler import extract, score_ranks  # noqa: E402
 
 T0 = 1_750_000_000.0
 
@@ -56,10 +58,13 @@ def snapshot(n: int, t: float, layout: bool, seed: int = 0) -> Snapshot:
 def measure(n: int, layout: bool, repeat: int) -> dict[str, float]:
     cfg = DetectorConfig(warmup_s=0.0)
     snaps = [snapshot(n, 15.0 * (k + 1), layout, seed=k) for k in range(repeat + 1)]
-    times_core, times_stats, cpu_core, cpu_stats = [], [], [], []
+    times_core, times_stats, cpu_core, cpu_stats, cpu_extract = [], [], [], [], []
     core = DetectorCore(cfg)
     core.evaluate(snaps[0])
     for s in snaps[1:]:
+        c = time.process_time()
+        extract(s.ranks, cfg, s.window_s)
+        cpu_extract.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()
         score_ranks(s.ranks, cfg, s.window_s, core.compute_basis, core.smooth)
         times_stats.append(time.perf_counter() - t)
@@ -75,7 +80,8 @@ def measure(n: int, layout: bool, repeat: int) -> dict[str, float]:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"stats_s": statistics.median(times_stats), "cycle_s": statistics.median(times_core),
-            "stats_cpu": statistics.median(cpu_stats), "cycle_cpu": statistics.median(cpu_core), "peak_mib": peak / 2**20}
+            "stats_cpu": statistics.median(cpu_stats), "cycle_cpu": statistics.median(cpu_core), "peak_mib": peak / 2**20,
+            "extract_cpu": statistics.median(cpu_extract)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     print("path: synthetic Snapshot -> DetectorCore (rank path), median of "
           f"{args.repeat} cycles; peak = tracemalloc peak during one cycle")
-    print(f"{'ranks':>7} {'layout':>8} {'score_ranks wall/CPU':>22} {'full cycle wall/CPU':>22} {'peak MiB':>9}")
+    print(f"{'ranks':>7} {'layout':>8} {'score_ranks wall/CPU':>22} {'full cycle wall/CPU':>22} {'peak MiB':>9} "
+          f"{'Python pass CPU':>16}")
     for n in sizes:
         for layout in (True, False):
             m = measure(n, layout, args.repeat)
             print(f"{n:7d} {'pp' if layout else 'cluster':>8} {m['stats_s'] * 1000:10.0f} / {m['stats_cpu'] * 1000:6.0f} ms "
-                  f"{m['cycle_s'] * 1000:10.0f} / {m['cycle_cpu'] * 1000:6.0f} ms {m['peak_mib']:9.1f}")
+                  f"{m['cycle_s'] * 1000:10.0f} / {m['cycle_cpu'] * 1000:6.0f} ms {m['peak_mib']:9.1f} "
+                  f"{m['extract_cpu'] * 1000:13.0f} ms")
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     return 0
 
 

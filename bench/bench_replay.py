@@ -10,9 +10,11 @@ series as Prometheus would have scraped them). Phases, timed separately and repe
 * evaluate: the detector core on every Snapshot.
 
 Baselines in the same run: prometheus_client's OpenMetrics parser on a prefix of the same file,
-a single promtool process on the whole file, and (``--baseline``) the query phase as it was
-before the I/O tuning — gzip responses and the standard library's JSON decoder — on the same
-temporary Prometheus, alternately before and after the tuned one.
+a single promtool process on the whole file, the backfill without the sample-order check
+(``ReplayDataset(check_order=False)``, as before issue 15) alternating with the checked one, and
+(``--baseline``) the query phase as it was before the I/O tuning — gzip responses and the
+standard library's JSON decoder — on the same temporary Prometheus, alternately before and after
+the tuned one.
 
     .venv/bin/python bench/bench_replay.py [--duration 1800] [--scrape 15] [--repeats 3] [--baseline]
 """
@@ -102,6 +104,29 @@ def main(argv: list[str] | None = None) -> int:
         single = time.perf_counter() - t0
         assert res.returncode == 0, res.stderr
         print(f"baseline one promtool process: {single:.2f} s = {samples / single:,.0f} samples/s")
+
+        from rankwatch.detectors.replay import scan_samples
+
+        scan_cpu = []
+        for _ in range(3):
+            c0 = time.process_time()
+            scan = scan_samples(om)
+            scan_cpu.append(time.process_time() - c0)
+        assert scan.samples == samples and scan.dropped == 0
+        print(f"sample-order check alone: {statistics.median(scan_cpu):.2f} s CPU "
+              f"= {samples / statistics.median(scan_cpu):,.0f} samples/s (median of 3)")
+        # backfill with and without the order check, alternating which goes first
+        runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # (wall, CPU) per backfill
+        for k in range(2 * args.repeats):
+            check = k % 2 == (k // 2) % 2
+            with ReplayDataset(om, check_order=check) as ds:
+                runs[check].append((ds.timings["backfill_s"], ds.timings["backfill_cpu_s"]))
+                assert ds.samples == samples
+        for i, what in ((0, "wall"), (1, "CPU incl. promtool")):
+            on, off = (statistics.median(r[i] for r in runs[c]) for c in (True, False))
+            print(f"backfill (split + promtool) {what}, median of {args.repeats}: with the order check {on:.2f} s, "
+                  f"without {off:.2f} s = {on / off:.2f}x (runs: {' '.join(f'{r[i]:.2f}' for r in runs[True])} / "
+                  f"{' '.join(f'{r[i]:.2f}' for r in runs[False])})")
 
         cpu: dict[bool, list[tuple[float, float]]] = {False: [], True: []}  # (ours, Prometheus') per run
 

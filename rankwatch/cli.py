@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from rankwatch import __version__
+from rankwatch.cliargs import add_global_options, walk_parsers
 from rankwatch.errors import RankwatchError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -21,17 +22,18 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.detectors.cli",
     "rankwatch.alerts.cli",
     "rankwatch.dashboards.cli",
+    "rankwatch.deploy.cli",
     "rankwatch.sim.cli",
+    "rankwatch.gpucheck.cli",
     "rankwatch.demo",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankwatch", description="Observability and straggler detection for large GPU training jobs.")
-    parser.add_argument("--version", action="version", version=f"rankwatch {__version__}")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity"
-    )
+    parser.add_argument("--version", action="version", version=f"rankwatch {__version__}",
+                        help="print the version and exit")
+    add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    # Global options after the subcommand too (`rankwatch detector … --log-level DEBUG`), on
+    # every parser the modules registered, nested ones included.
+    for _path, p in walk_parsers(parser):
+        if p is not parser:
+            add_global_options(p, top=False)
     return parser
 
 

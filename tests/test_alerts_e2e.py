@@ -66,7 +66,7 @@ grafana_url = "https://grafana.example/d/rankwatch-node?var-node={{node}}"
 def detect(replay: Path, config: Path, state: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rankwatch", "detect", "--replay", str(replay), "--config", str(config),
-         "--alert-state-dir", str(state), "--quiet"],
+         "--state-dir", str(state), "--quiet"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -69,3 +69,18 @@ def test_offline_alerts_count_a_run_reached_under_two_names_once(tmp_path: Path)
     (runs_dir / log.name).symlink_to(Path("latest-run") / log.name)
     assert [a["title"] for a in offline_alerts(wandb_dir)] == ["#1 Straggler: rank 3 on p5-001 (GPU 3)"]
     assert len([r for r in offline_history(wandb_dir) if r]) == len([r for r in offline_history(log.parent) if r])
+
+
+def test_monitor_run_is_written_under_wandb_dir_when_it_is_set(tmp_path: Path, monkeypatch) -> None:
+    """WANDB_DIR decides where W&B writes, as for every other wandb.init: not the state directory."""
+    elsewhere = tmp_path / "wandb-dir"
+    elsewhere.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(elsewhere))
+    doc = {"wandb": {"project": "llama", "mode": "offline"}, "notify": {"group_wait_s": 0}}
+    state = tmp_path / "state"
+    sink = AlertSink(load_alerting_config(doc, environ={}), state_dir=state, start_thread=False)
+    sink.publish([ev(5)])
+    assert sink.flush(timeout=60) == 0
+    sink.close()
+    assert [a["title"] for a in offline_alerts(elsewhere)] == ["#1 Straggler: rank 5 on p5-001 (GPU 5)"]
+    assert not (state / "wandb").exists()

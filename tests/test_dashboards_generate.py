@@ -18,9 +18,10 @@ def test_generate_then_check(tmp_path: Path, capsys) -> None:
     args = ["dashboards", "generate", "--out", str(out), "--kubernetes-out", str(k8s), "--alerts", str(REPO / "alerts")]
     assert main([*args, "--check"]) == 1  # nothing there yet
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["efa-network.json", "gpu-health.json", "node.json",
+    assert sorted(p.name for p in out.iterdir()) == ["alerting", "efa-network.json", "gpu-health.json", "node.json",
                                                      "training-run.json"]
-    assert (k8s / "prometheusrule.yaml").is_file()
+    assert [p.name for p in (out / "alerting").iterdir()] == ["rankwatch-alert-rules.yaml"]
+    assert (k8s / "prometheusrule.yaml").is_file() and (k8s / "grafana-alert-rules.yaml").is_file()
     capsys.readouterr()
     assert main([*args, "--check"]) == 0
     (out / "node.json").write_text("{}")

@@ -127,7 +127,7 @@ def test_push_from_committed_dir_and_unreachable_grafana(monkeypatch, grafana, t
 
 
 def test_live_run_is_found_in_prometheus(monkeypatch, grafana, prometheus_factory) -> None:
-    """`--prometheus URL` opens the dashboards on the run whose ranks stepped last (real
+    """`--run-from-prometheus URL` opens the dashboards on the run whose ranks stepped last (real
     probes, scraped by a real Prometheus)."""
     import time
 
@@ -146,7 +146,7 @@ def test_live_run_is_found_in_prometheus(monkeypatch, grafana, prometheus_factor
         new.record_step(1.0, {"forward": 0.5}, tokens=10, end_time=now)
         prom = prometheus_factory(scrape_config({"probes": [f"127.0.0.1:{p}" for p in ports]}))
         wait_for_series(prom.url, "rankwatch_last_step_timestamp_seconds", min_series=2, timeout=20)
-        assert _push(monkeypatch, grafana, "--prometheus", prom.url) == 0
+        assert _push(monkeypatch, grafana, "--run-from-prometheus", prom.url) == 0
     finally:
         old.close()
         new.close()

@@ -328,3 +328,26 @@ def test_queries_against_the_scenario_generator(scenario_prometheus) -> None:
                 assert result, f"{dashboard['title']} / {where}: no series from the generator's data"
                 checked += 1
     assert checked >= 30
+
+
+# --- the Grafana-managed alert rules (rankwatch.dashboards.alert_rules) ----------------------------
+
+def test_every_grafana_alert_rule_query_runs_and_the_faults_fire(prometheus: str) -> None:
+    """Query A of every generated Grafana alert rule (the alert's PromQL, run by Grafana as an
+    instant query) parses on a real Prometheus holding the simulated fleet; over the window the
+    alerts for the injected faults return series, i.e. their Grafana rules fire."""
+    from rankwatch import assets
+    from rankwatch.dashboards.alert_rules import grafana_rules
+
+    rules = grafana_rules(assets.rule_files())
+    assert rules
+    firing = set()
+    for rule in rules:
+        query = rule["data"][0]
+        assert query["refId"] == "A" and query["model"]["instant"] is True
+        if _returns_series(prometheus, query["model"]["expr"], False):
+            firing.add(rule["title"])
+        # As Grafana evaluates it: an instant query at one time; it must parse there too.
+        _returns_series(prometheus, query["model"]["expr"], True)
+    # XID 79, the double-bit ECC errors and the GPU that stops answering (see simulated_fleet).
+    assert {"RankwatchGpuXidHardware", "RankwatchGpuDoubleBitEcc", "RankwatchGpuLost"} <= firing, firing

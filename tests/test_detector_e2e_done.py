@@ -81,7 +81,7 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
         events_file = tmp_path / "events.jsonl"
         detector = subprocess.Popen(
             [sys.executable, "-m", "rankwatch", "detector", "--prometheus", prom.url, "--config", str(cfg),
-             "--events-file", str(events_file), "--state-db", str(tmp_path / "state.sqlite"),
+             "--events-file", str(events_file), "--state-dir", str(tmp_path / "state"),
              "--listen", f"127.0.0.1:{promserver.free_port()}", "--query-delay", "0.5"],
             env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "detector.log", "w"), text=True,
             start_new_session=True)

@@ -30,8 +30,9 @@ OK_VECTOR = {"status": "success", "data": {"resultType": "vector", "result": [
 
 
 class FakePrometheus:
-    """A loopback HTTP(S) server answering with ``respond(request) -> (status, body bytes)`` and
-    recording every request (method, path, headers, body)."""
+    """A loopback HTTP(S) server answering with ``respond(request) -> (status, body bytes)`` (or
+    ``(status, body, {extra headers})``) and recording every request (method, path, headers,
+    body)."""
 
     def __init__(self, respond: Callable[[dict[str, Any]], tuple[int, bytes]],
                  tls: ssl.SSLContext | None = None) -> None:
@@ -46,8 +47,10 @@ class FakePrometheus:
                 req = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
                        "body": body, "form": {k: v[0] for k, v in parse_qs(body.decode()).items()}}
                 outer.requests.append(req)
-                status, payload = outer.respond(req)
+                status, payload, *extra = outer.respond(req)
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -359,3 +362,142 @@ def test_gzip_is_asked_for_only_from_remote_servers(fake_prom) -> None:
     # what a remote server would be asked for (a session header; no request needed)
     assert client("http://prometheus.example:9090").session.headers["Accept-Encoding"] == "gzip"
     assert client("http://prometheus.example:9090", compress=False).session.headers["Accept-Encoding"] == "identity"
+
+
+# --- hardening (issues 11 and 15) ----------------------------------------------------------------
+
+def redirecting(status: int, location: Callable[[dict[str, Any]], str]
+                ) -> Callable[[dict[str, Any]], tuple[int, bytes, dict[str, str]]]:
+    return lambda req: (status, b"{}", {"Location": location(req)})
+
+
+@pytest.mark.parametrize("status", [307, 302])
+def test_redirect_from_https_to_plain_http_is_refused_and_logged_once(fake_prom, pki, caplog, status: int) -> None:
+    plain = fake_prom(ok)
+    tls = fake_prom(redirecting(status, lambda req: plain.url + "/api/v1/query"),
+                    tls=_server_tls(pki, require_client=False))
+    c = client(tls.url, ca_file=str(pki["ca.pem"]), headers={"X-Scope-OrgID": "tenant-secret-1"})
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with pytest.raises(PromQueryError, match=f"HTTP {status} redirect from HTTPS to plain HTTP") as exc:
+            c.query("up")
+        assert exc.value.error_type == "redirect"
+    # nothing went out in clear text, and the refusal was said once, with the way out
+    assert plain.requests == [] and len(tls.requests) == 3
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "--allow-redirects" in warnings[0].getMessage()
+    assert "tenant-secret-1" not in caplog.text
+
+
+def test_redirect_to_another_host_is_refused_unless_allowed_and_then_without_credentials(
+        fake_prom, tmp_path: Path) -> None:
+    target = fake_prom(ok)
+    other_host = target.url.replace("127.0.0.1", "localhost")  # same server, another host name
+    hop = fake_prom(redirecting(307, lambda req: other_host + "/api/v1/query"))
+    token = tmp_path / "token"
+    token.write_text("tok-123456\n")
+    with pytest.raises(PromQueryError, match="redirect to another host"):
+        client(hop.url, bearer_token_file=str(token)).query("up")
+    assert target.requests == []
+    # asked for: followed, the form re-sent, the extra headers kept, the token not
+    rows = client(hop.url, bearer_token_file=str(token), allow_redirects=True,
+                  headers={"X-Scope-OrgID": "team-a"}).query("up", 1700000000.0)
+    assert rows == [({"__name__": "up", "instance": "a:1"}, 1.0)]
+    (req,) = target.requests
+    assert req["form"] == {"query": "up", "time": "1700000000.000"} and req["headers"]["X-Scope-OrgID"] == "team-a"
+    assert "Authorization" not in req["headers"]
+    assert hop.requests[-1]["headers"]["Authorization"] == "Bearer tok-123456"
+
+
+def test_redirect_on_the_same_https_host_is_followed(fake_prom, pki) -> None:
+    def answer(req: dict[str, Any]) -> tuple[Any, ...]:
+        return (308, b"{}", {"Location": "/prom" + req["path"]}) if not req["path"].startswith("/prom/") else ok(req)
+
+    srv = fake_prom(answer, tls=_server_tls(pki, require_client=False))
+    assert client(srv.url, ca_file=str(pki["ca.pem"])).query("up")
+    assert [r["path"] for r in srv.requests] == ["/api/v1/query", "/prom/api/v1/query"]
+    assert srv.requests[1]["method"] == "POST" and srv.requests[1]["form"] == {"query": "up"}
+
+
+def test_insecure_skip_verify_warns_once_and_contradicting_ca_file_is_refused(fake_prom, pki, caplog,
+                                                                               capsys) -> None:
+    srv = fake_prom(ok, tls=_server_tls(pki, require_client=False))
+    caplog.set_level(logging.INFO)
+    c = client(srv.url, insecure_skip_verify=True)
+    c.query("up")
+    c.query("up")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "verification is OFF" in warnings[0]
+    with pytest.raises(ConfigError, match="--ca-file and --insecure-skip-verify"):
+        PromConnection(url=srv.url, ca_file=str(pki["ca.pem"]), insecure_skip_verify=True)
+    from rankwatch.cli import main
+
+    assert main(["detect", "--prometheus", srv.url, "--start", "1", "--end", "100", "--ca-file",
+                 str(pki["ca.pem"]), "--insecure-skip-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "--ca-file and --insecure-skip-verify" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ["s3cr3t-first-line\nsecond-line\n", "s3cr3t-first-line\x07\n",
+                                     "\n\ns3cr3t-first-line\n"])
+def test_token_file_that_is_not_one_printable_line_is_refused_without_showing_it(
+        fake_prom, tmp_path: Path, content: str) -> None:
+    tf = tmp_path / "token"
+    tf.write_text(content)
+    with pytest.raises(ConfigError) as exc:
+        PromConnection(url="http://127.0.0.1:1", bearer_token_file=str(tf))
+    assert str(tf) in str(exc.value) and "s3cr3t" not in str(exc.value) and "second" not in str(exc.value)
+
+
+def test_token_file_rotated_to_garbage_fails_the_query_cleanly(fake_prom, tmp_path: Path, caplog) -> None:
+    """A token file rewritten while running (here: two lines) fails each query with a clear auth
+    error; the token never shows, in the error or in the log."""
+    tf = tmp_path / "token"
+    tf.write_text("s3cr3t-token-value\n")
+    srv = fake_prom(ok)
+    c = client(srv.url, bearer_token_file=str(tf))
+    c.query("up")
+    tf.write_text("s3cr3t-token-value\nsecond-line\n")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PromQueryError) as exc:
+        c.query("up")
+    assert exc.value.error_type == "auth" and str(tf) in str(exc.value)
+    assert "s3cr3t" not in str(exc.value) and "s3cr3t" not in caplog.text and len(srv.requests) == 1
+
+
+def test_error_texts_are_redacted_of_tokens_and_header_values(fake_prom, tmp_path: Path) -> None:
+    """A proxy that echoes the request headers in its error page: the message keeps the page, not
+    the secrets."""
+    tf = tmp_path / "token"
+    tf.write_text("tok-abcdef-123\n")
+    srv = fake_prom(lambda req: (502, f"<html>bad gateway for {req['headers']}</html>".encode()))
+    with pytest.raises(PromQueryError) as exc:
+        client(srv.url, bearer_token_file=str(tf), headers={"X-Api-Key": "key-9876543"}).query("up")
+    msg = str(exc.value)
+    assert "bad gateway" in msg and "***" in msg
+    assert "tok-abcdef-123" not in msg and "key-9876543" not in msg
+
+
+def test_connection_errors_are_retried_and_timeouts_are_not(fake_prom) -> None:
+    """Retry what a second try can fix (refused, 503), never a timeout: the server counts it."""
+    release = threading.Event()
+    srv = fake_prom(lambda r: (release.wait(30), ok(r))[1])
+    try:
+        with pytest.raises(PromQueryError, match="timed out") as exc:
+            client(srv.url, timeout_s=0.3, retries=2, backoff_s=0.01).query("up")
+        assert exc.value.error_type == "timeout" and len(srv.requests) == 1
+    finally:
+        release.set()
+
+
+def test_a_deadline_bounds_tries_and_waits_together(fake_prom) -> None:
+    """A 503 with a Retry-After beyond the deadline is not waited for: one request, the server's
+    own error."""
+    srv = fake_prom(lambda r: (503, json.dumps({"status": "error", "errorType": "unavailable",
+                                                "error": "overloaded"}).encode()))
+    with pytest.raises(PromQueryError, match="unavailable: overloaded"):
+        client(srv.url, retries=3, backoff_s=10.0).query("up", deadline=time.monotonic() + 2.0)
+    assert len(srv.requests) == 1
+    with pytest.raises(PromQueryError, match="budget is spent"):
+        client(srv.url).query("up", deadline=time.monotonic() - 1)
+    assert len(srv.requests) == 1  # a spent budget sends nothing

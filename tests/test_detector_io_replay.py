@@ -137,3 +137,68 @@ def test_backtest_cli_against_a_prometheus(scenario_file, capsys) -> None:
     # 2025-06-15T15:06:40Z is the file's first sample; the default warm-up is 60 s
     assert [(e["kind"], e["state"], e["rank"]) for e in events if e["kind"] == "straggler"] == \
            [("straggler", "firing", 6), ("straggler", "resolved", 6)]
+
+
+# --- samples out of order (issue 15): said with a line number and a count, never silent ----------
+
+def _family(lines: list[str]) -> str:
+    return "# TYPE m gauge\n" + "".join(lines) + "# EOF\n"
+
+
+def _others(n: int, t: int = 1000) -> list[str]:
+    # enough samples of other series that promtool commits its batch (5 000) in between
+    return [f'm{{s="b{i}"}} 1 {t}\n' for i in range(n)]
+
+
+def test_one_sample_out_of_order_past_promtools_batch_is_dropped_and_named(tmp_path: Path, caplog) -> None:
+    """On main promtool refused the whole file ("out of order sample", no line)."""
+    f = tmp_path / "late.om"
+    f.write_text(_family(['m{s="a"} 1 1000\n', *_others(6000), 'm{s="a"} 2 500\n', 'm{s="a"} 3 2000\n']))
+    caplog.set_level(logging.WARNING)
+    with ReplayDataset(f) as ds:
+        assert ds.samples == 6002  # everything but the one late sample
+        assert promql_value(ds.url, 'm{s="a"}', 2000) == 3.0
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert msg.startswith(f"{f}:6003: goes back in time") and "1 of 6003 samples" in msg
+
+
+def test_samples_out_of_order_inside_a_batch_are_counted_not_silent(tmp_path: Path, caplog) -> None:
+    """On main promtool dropped them without a word (17 552 of 18 780 loaded in the report)."""
+    lines = []
+    for k in range(50):  # every series' samples written newest first after the first two
+        lines += [f'm{{s="c{i}"}} {k} {1000 + (k if k < 2 else 100 - k)}\n' for i in range(20)]
+    f = tmp_path / "shuffled.om"
+    f.write_text(_family(lines))
+    caplog.set_level(logging.WARNING)
+    with ReplayDataset(f) as ds:
+        kept = ds.samples
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    n_dropped = 1000 - kept
+    assert n_dropped > 0 and f"{n_dropped} of 1000 samples do not advance" in msg
+    assert msg.startswith(f"{f}:62: goes back in time")  # k = 3, the first series
+
+
+@pytest.mark.parametrize("gap", [0, 6000])
+def test_conflicting_duplicate_refuses_the_file_naming_both_lines(tmp_path: Path, gap: int) -> None:
+    """On main: refused without a line past a batch, kept one value silently within it."""
+    f = tmp_path / "dup.om"
+    f.write_text(_family(['m{s="a"} 1 1000\n', *_others(gap), 'm{s="a"} 2 1000\n']))
+    with pytest.raises(InputError) as exc:
+        ReplayDataset(f).open()
+    msg = str(exc.value)
+    assert msg.startswith(f"{f}:{gap + 3}: ") and "two different values" in msg and "line 2" in msg
+
+
+def test_exact_repeats_are_dropped_and_the_detect_cli_says_so(tmp_path: Path, capsys, caplog) -> None:
+    f = tmp_path / "repeat.om"
+    f.write_text(GOOD.replace("# EOF\n", 'up{instance="n:9420",job="p"} 1 1700000005\n# EOF\n'))
+    caplog.set_level(logging.WARNING)
+    assert main(["detect", "--replay", str(f)]) == 0
+    assert f"{f}:8: repeats its series' timestamp" in caplog.text and "1 of 5 samples" in caplog.text
+
+
+def promql_value(url: str, expr: str, t: float) -> float:
+    from rankwatch import promserver
+
+    (row,) = promserver.query(url, expr, t)
+    return float(row["value"][1])

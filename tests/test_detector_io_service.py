@@ -5,10 +5,14 @@ duplicate firing, resolution still emitted, unpublished events re-published); /m
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -246,19 +250,25 @@ def test_replay_of_the_same_data_gives_the_same_events(straggler_replay) -> None
     assert [e for b in sink.batches for e in b] == live_events and live_events
 
 
-def test_state_db_errors_are_clear(tmp_path: Path) -> None:
-    from rankwatch.errors import ConfigError
-
+def test_corrupt_state_db_is_moved_aside_with_a_clear_message(tmp_path: Path, caplog) -> None:
     bad = tmp_path / "bad.sqlite"
     bad.write_text("this is not sqlite" * 100)
-    with pytest.raises(ConfigError, match="not a usable SQLite database"):
-        DetectorState(bad)
+    caplog.set_level(logging.INFO)
+    st = DetectorState(bad)
+    assert st.load() == (None, None)  # a fresh state in a new file
+    st.save(15.0, {"version": 1}, [])
+    st.close()
+    (aside,) = tmp_path.glob("bad.sqlite.corrupt-*")
+    assert aside.read_text() == "this is not sqlite" * 100  # kept for whoever wants to look
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert str(bad) in msg and str(aside) in msg and "not a usable SQLite database" in msg
+    assert DetectorState(bad).load()[1] == 15.0
 
 
 def _detector_cmd(url: str, tmp_path: Path, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rankwatch", "detector", "--prometheus", url, "--interval", "1",
             "--query-delay", "0", "--query-timeout", "0.5", "--query-retries", "0", "--listen", f"127.0.0.1:{port}",
-            "--state-db", str(tmp_path / "state.sqlite"), "--events-file", str(tmp_path / "events.jsonl"), *extra]
+            "--state-dir", str(tmp_path / "state"), "--events-file", str(tmp_path / "events.jsonl"), *extra]
 
 
 @pytest.mark.slow
@@ -318,3 +328,121 @@ def test_state_from_another_version_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot resume from the stored state"):
         DetectorService(source=None, core=DetectorCore(CFG), interval_s=15,  # type: ignore[arg-type]
                         state=DetectorState(db))
+
+
+# --- hardening (issue 11): a silent server, a clock set back, a state file someone breaks ------------
+
+EMPTY_VECTOR = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+
+
+def test_silent_prometheus_costs_one_timeout_and_one_log_line_per_cycle(caplog) -> None:
+    """A server that accepts and never answers: each query is sent at most once per cycle (no
+    timeout retried, the rest skipped), and each cycle logs one line that says why."""
+    release = threading.Event()
+    srv = FakePrometheus(lambda r: (release.wait(60), (200, EMPTY_VECTOR))[1])
+    src = source_for(srv.url, timeout_s=0.5, retries=2)
+    service = DetectorService(src, DetectorCore(CFG), interval_s=15)
+    caplog.set_level(logging.DEBUG)
+    try:
+        results = [service.run_cycle(1_700_000_000 + 15 * k) for k in range(2)]
+    finally:
+        release.set()
+        src.close()
+        srv.close()
+    n = len(src.queries)
+    assert all(r.all_failed and len(r.errors) == n for r in results)
+    sent = [(r["form"]["query"], r["form"]["time"]) for r in srv.requests]
+    assert len(sent) == len(set(sent)), "a query was sent twice in one cycle"
+    assert len(sent) <= 2 * src._pool._max_workers  # only the queries already in flight
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    for rec in lines:
+        assert f"{n} of {n} queries failed" in rec.getMessage() and "timed out" in rec.getMessage()
+
+
+def test_clock_set_back_is_detected_and_evaluation_goes_on(tmp_path: Path, caplog) -> None:
+    """The state says the last evaluation was an hour ahead (the clock was set back): the
+    detector says so and evaluates now, instead of waiting blind for an hour."""
+    srv = FakePrometheus(lambda r: (200, EMPTY_VECTOR))
+    now = [1_700_000_013.0]
+    db = tmp_path / "state.sqlite"
+    st = DetectorState(db)
+    st.save(1_700_000_010 + 3600, DetectorCore(CFG).export_state(), [])
+    st.close()
+
+    class Stop:
+        """Stops once a cycle has queried; a wait moves the clock on (as a real wait would)."""
+
+        def is_set(self) -> bool:
+            return bool(srv.requests)
+
+        def wait(self, seconds: float) -> bool:
+            now[0] += seconds
+            return self.is_set()
+
+    src = source_for(srv.url)
+    svc = DetectorService(src, DetectorCore(CFG), interval_s=15, state=DetectorState(db), clock=lambda: now[0],
+                          query_delay_s=2)
+    caplog.set_level(logging.INFO)
+    try:
+        svc.run(Stop())  # type: ignore[arg-type]
+    finally:
+        svc.close()
+        src.close()
+        srv.close()
+    assert {float(r["form"]["time"]) for r in srv.requests} == {1_700_000_010.0}
+    assert "clock went back" in caplog.text
+    assert DetectorState(db).load()[1] == 1_700_000_010.0
+
+
+def _reference_events(ds: ReplayDataset, times: list[float]) -> list[Event]:
+    src = source_for(ds.url)
+    sink = ListSink()
+    evaluate_range(src.snapshots(times[0], times[-1], 15), DetectorCore(CFG), sinks=[sink])
+    src.close()
+    return [e for b in sink.batches for e in b]
+
+
+@pytest.mark.parametrize("fault", ["deleted", "replaced_by_garbage", "locked"])
+def test_events_reach_stdout_and_file_whatever_the_state_db_does(straggler_replay, tmp_path: Path, caplog,
+                                                                 fault: str) -> None:
+    _, ds = straggler_replay
+    times = grid(ds)
+    ref = _reference_events(ds, times)
+    assert ref
+    db = tmp_path / "state.sqlite"
+    out, stdout = tmp_path / "events.jsonl", io.StringIO()
+    src = source_for(ds.url)
+    svc = DetectorService(src, DetectorCore(CFG), interval_s=15, state=DetectorState(db),
+                          writer=EventWriter(stdout, out))
+    caplog.set_level(logging.INFO)
+    fault_at = {len(times) // 3, len(times) // 3 + 1} if fault == "locked" else {len(times) // 3}
+    locker = None
+    try:
+        for k, t in enumerate(times):
+            if k in fault_at and fault == "deleted":
+                db.unlink()
+            elif k in fault_at and fault == "replaced_by_garbage":
+                db.unlink()
+                db.write_bytes(b"\x00garbage" * 1000)
+            elif k in fault_at and fault == "locked" and locker is None:
+                locker = sqlite3.connect(db, isolation_level=None)
+                locker.execute("BEGIN EXCLUSIVE")
+            elif locker is not None and k not in fault_at:
+                locker.execute("ROLLBACK")
+                locker.close()
+                locker = None
+            svc.run_cycle(t)
+    finally:
+        svc.close()
+        src.close()
+    for text in (stdout.getvalue(), out.read_text()):
+        assert [Event.from_json(line) for line in text.splitlines()] == ref
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings and all(r.exc_info is None for r in warnings), "a warning, never a traceback"
+    said = " ".join(r.getMessage() for r in warnings)
+    expect = {"deleted": "was deleted while the detector was running",
+              "replaced_by_garbage": "moved it aside", "locked": "locked by another process"}[fault]
+    assert expect in said
+    # the file holds the state of the last evaluation again: a restart resumes from there
+    assert DetectorState(db).load()[1] == times[-1]

@@ -17,25 +17,35 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="alerts_command", metavar="ACTION")
 
     pv = sub.add_parser("preview", help="print the Slack Block Kit JSON and plain text of an event")
-    pv.add_argument("--event", type=Path, help="a JSON-lines file of events (default: a sample straggler)")
-    pv.add_argument("--config", type=Path, help="TOML config for the [links] templates")
-    pv.add_argument("--format", choices=["both", "blocks", "text"], default="both")
+    pv.add_argument("--event", type=Path, metavar="FILE",
+                    help="a JSON-lines file of detector events, grouped into incidents as the live path does "
+                         "(default: a sample straggler)")
+    pv.add_argument("--config", type=Path, metavar="FILE",
+                    help="detector TOML whose [links] and [notify] tables shape the message (default: no links, "
+                         "default grouping)")
+    pv.add_argument("--format", choices=["both", "blocks", "text"], default="both",
+                    help="Block Kit JSON and plain text, only the JSON (one object per incident and line), or only "
+                         "the text (default: both)")
     pv.set_defaults(func=_preview)
 
     t = sub.add_parser("send-test", help="send a sample firing + resolved alert through every configured target")
-    t.add_argument("--config", type=Path, required=True, help="detector TOML config ([slack], [wandb], [alertmanager])")
-    t.add_argument("--run", default="rankwatch-test", help="run label of the sample event")
+    t.add_argument("--config", type=Path, required=True, metavar="FILE",
+                   help="detector TOML config ([slack], [wandb], [alertmanager])")
+    t.add_argument("--run", default="rankwatch-test", help="run label of the sample event (default: rankwatch-test)")
     t.set_defaults(func=_send_test)
 
     f = sub.add_parser("flush", help="deliver what is pending in a detector's outbox, then exit")
-    f.add_argument("--config", type=Path, required=True)
-    f.add_argument("--state-dir", type=Path, required=True, help="the detector's state directory")
-    f.add_argument("--timeout", type=float, default=60.0)
+    f.add_argument("--config", type=Path, required=True, metavar="FILE",
+                   help="detector TOML config ([slack], [wandb], [alertmanager])")
+    f.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="the detector's --state-dir")
+    f.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up after this many seconds, leaving the rest queued (default: 60)")
     f.set_defaults(func=_flush)
 
     o = sub.add_parser("outbox", help="list the notifications in a detector's outbox")
-    o.add_argument("--state-dir", type=Path, required=True)
-    o.add_argument("--status", choices=["pending", "sending", "delivered", "skipped"])
+    o.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="the detector's --state-dir")
+    o.add_argument("--status", choices=["pending", "sending", "delivered", "skipped"],
+                   help="list only the notifications in this state (default: all)")
     o.set_defaults(func=_outbox)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -73,32 +83,85 @@ def sample_events(run: str = "llama70b-cpt", t0: float | None = None) -> list[An
     return [firing, resolved]
 
 
-def _preview(args: argparse.Namespace) -> int:
-    from rankwatch.alerts.config import load_alerting_config
-    from rankwatch.alerts.lifecycle import EpisodeView, IncidentView
-    from rankwatch.alerts.render import render_incident, render_plain
+def read_events(path: Path) -> list[Any]:
+    """The events of a JSON-lines file (as the detector writes them); an error names the line."""
+    from rankwatch.errors import InputError
     from rankwatch.events import Event
 
-    doc = _load_toml(args.config) if args.config else {
-        "links": {"grafana_url": "https://grafana.example.com/d/rankwatch-node?var-node={node}&from={from_ms}&to={to_ms}",
-                  "wandb_run_url": "https://wandb.ai/acme/llama70b/groups/{run}",
-                  "runbook_url": "https://github.com/acme/rankwatch/blob/main/docs/runbooks/{alert}.md"}}
-    links = load_alerting_config(doc, source=str(args.config or "<sample>"), environ={}).links
-    if args.event:
-        events = [Event.from_json(line) for line in args.event.read_text().splitlines() if line.strip()]
-    else:
-        events = sample_events(t0=1795750000)[:1]
-    firing = [e for e in events if e.state == "firing"]
-    if not firing:
-        print("rankwatch: no firing event in the input", file=sys.stderr)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (expected JSON lines of detector events)") from None
+    events = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            events.append(Event.from_dict(data))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{path}:{n}: not a detector event ({exc})") from None
+    return events
+
+
+class _PreviewTarget:
+    """A per-incident target that wants everything: what Slack gets."""
+
+    name = "preview"
+    per_episode = False
+
+    def wants(self, action: str) -> bool:
+        return True
+
+
+def preview_incidents(events: list[Any], notify: Any) -> list[Any]:
+    """The incidents the live path would make of ``events``: the same lifecycle (grouping per
+    run within ``notify.group_window_s``, duplicates dropped, resolved episodes marked) on an
+    outbox in memory."""
+    from rankwatch.alerts.lifecycle import Lifecycle
+    from rankwatch.alerts.outbox import Outbox
+
+    outbox = Outbox(":memory:")
+    try:
+        lc = Lifecycle(outbox, [_PreviewTarget()], notify, clock=time.time)
+        lc.ingest(events)
+        return [lc.incident(int(r["id"])) for r in outbox.query("SELECT id FROM incidents ORDER BY id")]
+    finally:
+        outbox.close()
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from rankwatch.alerts.config import load_alerting_config
+    from rankwatch.alerts.render import render_incident, render_plain
+
+    # Only what shapes the message: links and grouping. Targets and their secrets are not needed.
+    doc = _load_toml(args.config) if args.config else {}
+    doc = {k: v for k, v in doc.items() if k in ("links", "notify")}
+    cfg = load_alerting_config(doc, source=str(args.config or "<defaults>"), environ={})
+    events = read_events(args.event) if args.event else sample_events(t0=1795750000)[:1]
+    incidents = preview_incidents(events, cfg.notify)
+    if not incidents:
+        print(f"rankwatch: no firing event in {args.event} that the alerts would report "
+              f"(kinds {', '.join(cfg.notify.kinds)}, severity {cfg.notify.min_severity} or more)", file=sys.stderr)
         return 2
-    view = IncidentView(id=1, run=firing[0].run, state="firing", opened_at=firing[0].time, resolved_at=None,
-                        reminders=0, episodes=[EpisodeView(e.episode or str(i), "firing", e) for i, e in enumerate(firing)])
-    msg = render_incident(view, "firing", links, now=firing[0].time)
-    if args.format in ("both", "blocks"):
-        print(json.dumps({"text": msg.text, "blocks": msg.blocks}, indent=2, ensure_ascii=False))
-    if args.format in ("both", "text"):
-        print(render_plain(view, "firing", links, now=firing[0].time))
+    for n, view in enumerate(incidents, 1):
+        action = "resolved" if view.state == "resolved" else "firing"
+        now = max(e.current.time for e in view.episodes)
+        if args.format == "blocks":  # one JSON object per incident and line, for machines
+            msg = render_incident(view, action, cfg.links, now=now)
+            print(json.dumps({"text": msg.text, "blocks": msg.blocks}, ensure_ascii=False))
+            continue
+        if len(incidents) > 1:
+            print(f"── incident {n} of {len(incidents)} · run {view.run or '(no run label)'} · {view.state} · "
+                  f"{len(view.active)} of {len(view.episodes)} episodes firing ──")
+        if args.format == "both":
+            msg = render_incident(view, action, cfg.links, now=now)
+            print(json.dumps({"text": msg.text, "blocks": msg.blocks}, indent=2, ensure_ascii=False))
+        print(render_plain(view, action, cfg.links, now=now))
     return 0
 
 

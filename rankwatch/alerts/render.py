@@ -139,7 +139,7 @@ def evidence_lines(ev: Event, limit: int = MAX_EVIDENCE_LINES) -> list[str]:
             flat.append((k, v))
     for k, v in flat:
         text = _fmt_value(k.rsplit(".", 1)[-1], v)
-        if text is None:
+        if not text:  # nothing to show (an empty explanation): no empty "why:" line
             continue
         leaf = k.rsplit(".", 1)[-1]
         label = _LABELS.get(k) or k.replace("_", " ")

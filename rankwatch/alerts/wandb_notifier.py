@@ -44,7 +44,8 @@ class WandbNotifier:
     def __init__(self, cfg: WandbConfig, links: LinksConfig, state_dir: Path) -> None:
         self.cfg = cfg
         self.links = links
-        self.dir = Path(state_dir) / "wandb"
+        # W&B's own setting wins, as for any wandb.init (`dir=` would override it otherwise).
+        self.dir = Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else Path(state_dir) / "wandb"
         self._runs: dict[str, Any] = {}
         self._wandb: Any = None
 

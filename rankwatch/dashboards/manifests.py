@@ -77,9 +77,16 @@ def prometheus_rule(alerts_dir: Path) -> dict[str, Any]:
     }
 
 
-def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path) -> dict[str, str]:
-    """File name → text of every generated manifest."""
+def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path,
+                     grafana_alerts: str | None = None) -> dict[str, str]:
+    """File name → text of every generated manifest; ``grafana_alerts`` is the Grafana alert
+    provisioning file (default: made from ``alerts_dir``), shipped as a sidecar ConfigMap."""
+    from rankwatch.dashboards.alert_rules import CONFIGMAP_FILE, alert_rules_configmap, provisioning_file
+
     files = {f"dashboard-{name.removesuffix('.json')}.yaml": HEADER + dump(dashboard_configmap(name, text))
              for name, text in dashboard_files.items()}
     files["prometheusrule.yaml"] = HEADER + dump(prometheus_rule(alerts_dir))
+    if grafana_alerts is None:
+        grafana_alerts = provisioning_file(rule_files(alerts_dir))
+    files[CONFIGMAP_FILE] = HEADER + dump(alert_rules_configmap(grafana_alerts))
     return files

@@ -77,22 +77,29 @@ class GrafanaClient:
         self._session.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/json"})
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, json_body: Any = None) -> requests.Response:
+    def call(self, method: str, path: str, json_body: Any = None, *,
+             headers: dict[str, str] | None = None) -> requests.Response:
+        """One API call; 401 (and connection failures) are errors, other statuses are the caller's."""
         url = self.base_url + path
         try:
-            resp = self._session.request(method, url, json=json_body, timeout=self.timeout)
+            resp = self._session.request(method, url, json=json_body, timeout=self.timeout, headers=headers)
         except requests.RequestException as exc:
             raise RankwatchError(f"cannot reach Grafana at {self.base_url}: {type(exc).__name__}") from None
         if resp.status_code == 401:
             raise RankwatchError(f"Grafana at {self.base_url} rejected the token (401 Unauthorized): check that "
                                  "GRAFANA_TOKEN holds a valid, unexpired service account token")
+        return resp
+
+    def _call(self, method: str, path: str, json_body: Any = None) -> requests.Response:
+        resp = self.call(method, path, json_body)
         if resp.status_code == 403:
             raise RankwatchError(f"Grafana at {self.base_url} refused {method} {path} (403): the service account "
                                  "needs the Editor role (or dashboard write permission on the folder)")
         return resp
 
     @staticmethod
-    def _message(resp: requests.Response) -> str:
+    def message(resp: requests.Response) -> str:
+        """Grafana's error message from ``resp``, shortened."""
         try:
             body = resp.json()
         except ValueError:
@@ -106,7 +113,7 @@ class GrafanaClient:
         if resp.status_code == 200:
             return str(resp.json()["uid"])
         if resp.status_code != 404:
-            raise RankwatchError(f"Grafana: looking up folder {uid!r} failed ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana: looking up folder {uid!r} failed ({resp.status_code}): {self.message(resp)}")
         resp = self._call("POST", "/api/folders", {"uid": uid, "title": title})
         if resp.status_code == 200:
             log.info("created Grafana folder %r", title)
@@ -116,14 +123,14 @@ class GrafanaClient:
             for folder in listing.json() if listing.status_code == 200 else []:
                 if folder.get("title") == title:
                     return str(folder["uid"])
-        raise RankwatchError(f"Grafana: cannot create folder {title!r} ({resp.status_code}): {self._message(resp)}")
+        raise RankwatchError(f"Grafana: cannot create folder {title!r} ({resp.status_code}): {self.message(resp)}")
 
     def current_version(self, uid: str) -> int | None:
         resp = self._call("GET", f"/api/dashboards/uid/{uid}")
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:
-            raise RankwatchError(f"Grafana: reading dashboard {uid!r} failed ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana: reading dashboard {uid!r} failed ({resp.status_code}): {self.message(resp)}")
         return int(resp.json()["dashboard"].get("version") or 0)
 
     def save_dashboard(self, dashboard: dict[str, Any], folder_uid: str, *, overwrite: bool) -> PushResult:
@@ -141,9 +148,9 @@ class GrafanaClient:
                 raise RankwatchError(f"dashboard {title!r} (uid {uid}) was changed in Grafana since this push read "
                                      "it (412 version-mismatch); rerun with --overwrite to replace those changes")
             raise RankwatchError(f"Grafana refused dashboard {title!r} (412 {status or 'precondition failed'}): "
-                                 f"{self._message(resp)}")
+                                 f"{self.message(resp)}")
         if resp.status_code != 200:
-            raise RankwatchError(f"Grafana refused dashboard {title!r} ({resp.status_code}): {self._message(resp)}")
+            raise RankwatchError(f"Grafana refused dashboard {title!r} ({resp.status_code}): {self.message(resp)}")
         body = resp.json()
         return PushResult(uid=str(body.get("uid", uid)), title=str(title), url=self.base_url + str(body.get("url", "")),
                           version=int(body.get("version", 0)))

@@ -38,32 +38,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "offline mode; play a scripted timeline of incidents; show it live; write a report."),
     )
     g = p.add_argument_group("cluster")
-    g.add_argument("--nodes", type=int, default=d.nodes, help=f"simulated nodes (default {d.nodes})")
-    g.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help=f"GPUs (= ranks) per node (default {d.gpus_per_node})")
+    g.add_argument("--nodes", type=int, default=d.nodes, help=f"simulated nodes (default: {d.nodes})")
+    g.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help=f"GPUs (= ranks) per node (default: {d.gpus_per_node})")
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: min(8, GPUs per node))")
     g.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: 4 from 8 nodes on, else 2, or smaller to divide the ranks)")
-    g.add_argument("--efa-per-node", type=int, default=d.efa_per_node, help=f"simulated EFA devices per node (default {d.efa_per_node})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed of the simulation (default {d.seed})")
+    g.add_argument("--efa-per-node", type=int, default=d.efa_per_node, help=f"simulated EFA devices per node (default: {d.efa_per_node})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed of the simulation (default: {d.seed})")
     g.add_argument("--address-prefix", default=d.address_prefix,
-                   help=f"first two octets of the simulated nodes' loopback addresses (default {d.address_prefix})")
+                   help=f"first two octets of the simulated nodes' loopback addresses (default: {d.address_prefix})")
     t = p.add_argument_group("time (seconds of wall time)")
     t.add_argument("--speed", type=float, default=None,
-                   help="stretch (<1) or compress (>1) every duration and interval; env DEMO_SPEED (default 1)")
+                   help="stretch (<1) or compress (>1) every duration and interval (default: $DEMO_SPEED, else 1)")
     t.add_argument("--incident-seconds", type=float, default=None,
-                   help=f"how long each incident lasts (default {d.incident_seconds:g}, env DEMO_INCIDENT_SECONDS)")
+                   help=f"how long each incident lasts (default: $DEMO_INCIDENT_SECONDS, else {d.incident_seconds:g})")
     t.add_argument("--recovery-seconds", type=float, default=None,
-                   help=f"healthy time after each incident (default {d.recovery_seconds:g})")
+                   help=f"healthy time after each incident (default: {d.recovery_seconds:g})")
     t.add_argument("--step-seconds", type=float, default=None,
-                   help=f"wall time of one simulated training step (default {d.step_seconds:g})")
+                   help=f"wall time of one simulated training step (default: {d.step_seconds:g})")
     t.add_argument("--scrape-interval", type=float, default=None,
-                   help=f"Prometheus scrape interval of the rank probes, and rule interval (default {d.scrape_interval:g})")
+                   help=f"Prometheus scrape interval of the rank probes, and rule interval (default: {d.scrape_interval:g})")
     t.add_argument("--node-scrape-interval", type=float, default=None,
-                   help=f"Prometheus scrape interval of the node exporters (default {d.node_scrape_interval:g})")
+                   help=f"Prometheus scrape interval of the node exporters (default: {d.node_scrape_interval:g})")
     t.add_argument("--eval-interval", type=float, default=None,
-                   help=f"detector evaluation interval (default {d.eval_interval:g})")
-    t.add_argument("--window", type=float, default=None, help=f"detector window (default {d.window:g})")
+                   help=f"detector evaluation interval (default: {d.eval_interval:g})")
+    t.add_argument("--window", type=float, default=None, help=f"detector window (default: {d.window:g})")
     o = p.add_argument_group("output")
-    o.add_argument("--report-dir", type=Path, default=Path("demo-report"), help="where the report is written, replacing what is there (default demo-report)")
+    o.add_argument("--report-dir", type=Path, default=Path("demo-report"), help="where the report is written, replacing what is there (default: demo-report)")
     o.add_argument("--plain", action="store_true", help="plain log lines instead of the live view")
     p.set_defaults(func=_run)
 

@@ -33,6 +33,8 @@ from types import FrameType
 from typing import Any
 
 from rankwatch.demo.scenario import DemoConfig, Timeline
+from rankwatch.sim import faults as node_faults
+from rankwatch.sim.faults import NODE_FAULTS
 
 log = logging.getLogger("rankwatch.demo.cluster")
 
@@ -229,25 +231,15 @@ class NodesRole:
 
     def _inject(self, h: Any) -> None:
         log.info("inject %s on %s gpu %s", h.kind, h.node, h.gpu)
-        if h.kind == "thermal":
-            self.nvml[h.node].inject(h.gpu, "thermal")
-        elif h.kind == "xid79":
-            self.nvml[h.node].inject(h.gpu, "fell_off_bus")
-        elif h.kind == "dbe":
-            self.nvml[h.node].inject(h.gpu, "dbe")
-        elif h.kind == "efa":
-            s = self.sysfs[h.node]
-            s.inject(s.devices[0], "retransmits", rate=3000.0)
-            s.inject(s.devices[0], "timeouts", rate=4.0)
+        if h.kind in NODE_FAULTS:
+            sysfs = self.sysfs[h.node]
+            node_faults.inject(self.nvml[h.node], sysfs, h.kind, sysfs.devices[0] if h.kind == "efa" else h.gpu)
 
     def _clear(self, kind: str, node: str, gpu: int | None) -> None:
         log.info("clear %s on %s gpu %s", kind, node, gpu)
-        if kind == "thermal":
-            self.nvml[node].clear(gpu, "thermal")
-        elif kind == "xid79":
-            self.nvml[node].clear(gpu, "fell_off_bus")
-        elif kind == "efa":
-            self.sysfs[node].clear(self.sysfs[node].devices[0])
+        if kind in NODE_FAULTS:
+            sysfs = self.sysfs[node]
+            node_faults.clear(self.nvml[node], sysfs, kind, sysfs.devices[0] if kind == "efa" else gpu)
 
     def close(self) -> None:
         _in_parallel([server.stop for server in self.servers])

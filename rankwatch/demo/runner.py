@@ -250,12 +250,14 @@ class Demo:
         state_dir.mkdir()
         args = [sys.executable, "-m", "rankwatch", "detector", "--prometheus", self.prom.url,
                 "--config", str(det_cfg), "--events-file", str(self.events_path), "--quiet",
-                "--listen", f"127.0.0.1:{self.det_port}", "--state-db", str(state_dir / "detector.sqlite"),
+                "--listen", f"127.0.0.1:{self.det_port}", "--state-dir", str(state_dir),
                 # scrapes of the evaluated window have landed by then (probes every scrape_interval)
                 "--query-delay", f"{max(1.0, cfg.scrape_interval * 1.5):g}",
                 # a busy machine slows Prometheus down before anything else
                 "--query-timeout", "15"]
-        env = child_env({"SLACK_BOT_TOKEN": SLACK_TOKEN, "WANDB_MODE": "offline",
+        # WANDB_DIR: the offline W&B run stays in the demo's state directory (the report copies
+        # it from there), whatever the user's environment says.
+        env = child_env({"SLACK_BOT_TOKEN": SLACK_TOKEN, "WANDB_MODE": "offline", "WANDB_DIR": str(state_dir / "wandb"),
                          "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"})
         self.detector = self.sv.spawn("detector", args, log_path=self.logs / "detector.log", env=env,
                                       cwd=self.work)

@@ -1,7 +1,9 @@
 """`rankwatch detector` (live service) and `rankwatch detect` (replay file or backtest range).
 
 Both read the same TOML config (thresholds for the core; the alerting tables go to
-``rankwatch.alerts.build_sink``) and produce the same JSON-lines events."""
+``rankwatch.alerts.build_sink``) and produce the same events: JSON lines on stdout and in
+``--events-file``, or one readable line each on stdout with ``--format text``. The live
+detector also logs a heartbeat every ``--heartbeat-every`` cycles (``heartbeat.py``)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rankwatch.cliargs import DeprecatedAlias
+from rankwatch.detectors.heartbeat import DEFAULT_HEARTBEAT_CYCLES
 from rankwatch.errors import ConfigError
 
 log = logging.getLogger("rankwatch.detector")
 
 DEFAULT_LISTEN = "0.0.0.0:9415"
-DEFAULT_STATE_DB = "rankwatch-detector.sqlite"
+DEFAULT_STATE_DIR = "rankwatch-state"
+STATE_DB_FILE = "detector.sqlite"  # inside --state-dir, beside the alerts' outbox
 ENV_URL = "RANKWATCH_PROMETHEUS_URL"
+FORMATS = ("json", "text")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -33,7 +39,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, metavar="S",
                    help="window of the rates, at least (overrides window_s; default: 15, raised to interval + scrape "
                         "interval and 3 samples of each source)")
-    p.add_argument("--events-file", metavar="FILE", help="also append the JSON-lines events to FILE")
+    p.add_argument("--events-file", metavar="FILE", help="also append the JSON-lines events to FILE (always JSON)")
+    p.add_argument("--format", choices=FORMATS, default="json",
+                   help="events on stdout as JSON lines for machines, or one readable line each (default: json)")
     p.add_argument("--quiet", action="store_true", help="do not print events on stdout")
 
 
@@ -41,24 +49,31 @@ def _add_connection(p: argparse.ArgumentParser, *, with_url: bool) -> None:
     g = p.add_argument_group("Prometheus connection (any server speaking the Prometheus query API)")
     if with_url:
         g.add_argument("--prometheus", metavar="URL", default=os.environ.get(ENV_URL),
-                       help=f"base URL, e.g. http://prometheus:9090 or an AMP workspace URL (env {ENV_URL})")
-    g.add_argument("--query-timeout", type=float, default=5.0, metavar="S", help="per-request timeout (5)")
+                       help=f"base URL, e.g. http://prometheus:9090 or an AMP workspace URL (default: ${ENV_URL})")
+    g.add_argument("--query-timeout", type=float, default=5.0, metavar="S",
+                   help="timeout of each request and, live, the budget of one cycle's queries together; a timeout "
+                        "is never retried (default: 5)")
     g.add_argument("--query-retries", type=int, default=2, metavar="N",
-                   help="retries with backoff on connection errors and 429/502/503/504 (2)")
+                   help="retries with backoff on refused or reset connections and 429/502/503/504, within the "
+                        "cycle's budget (default: 2)")
     g.add_argument("--bearer-token-file", metavar="FILE",
                    help="file holding a bearer token, re-read per request (or env RANKWATCH_PROMETHEUS_TOKEN)")
     g.add_argument("--basic-auth-user", metavar="USER",
                    help="basic auth user; password from --basic-auth-password-file or env RANKWATCH_PROMETHEUS_PASSWORD")
-    g.add_argument("--basic-auth-password-file", metavar="FILE")
+    g.add_argument("--basic-auth-password-file", metavar="FILE", help="file holding the basic auth password")
     g.add_argument("--sigv4-region", metavar="REGION",
-                   help="sign requests with AWS SigV4 for Amazon Managed Service for Prometheus (credentials from "
-                        "the default AWS chain)")
+                   help="sign requests with AWS SigV4 for Amazon Managed Service for Prometheus; credentials come "
+                        "from the default AWS chain")
     g.add_argument("--sigv4-profile", metavar="NAME", help="AWS profile for SigV4 credentials")
     g.add_argument("--sigv4-service", default="aps", help=argparse.SUPPRESS)
     g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify the server's certificate")
     g.add_argument("--client-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
     g.add_argument("--client-key", metavar="FILE", help="client key (PEM) for --client-cert")
-    g.add_argument("--insecure-skip-verify", action="store_true", help="do not verify the server's certificate")
+    g.add_argument("--insecure-skip-verify", action="store_true",
+                   help="do not verify the server's certificate (warned at start-up; not with --ca-file)")
+    g.add_argument("--allow-redirects", action="store_true",
+                   help="follow redirects that leave HTTPS or go to another host (credentials are not sent there); "
+                        "by default they are refused and logged")
     g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra request header, e.g. 'X-Scope-OrgID: team-a' for Mimir (repeatable)")
 
@@ -70,15 +85,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "keep state in SQLite so that a restart neither repeats nor loses alerts.")
     _add_connection(p, with_url=True)
     _add_common(p)
-    p.add_argument("--state-db", default=DEFAULT_STATE_DB, metavar="FILE",
-                   help=f"SQLite file for episodes and baselines ({DEFAULT_STATE_DB})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"directory for the detector's state ({STATE_DB_FILE}: episodes and baselines) and the "
+                        f"alerts' outbox, created if missing (default: {DEFAULT_STATE_DIR})")
+    p.add_argument("--state-db", dest="state_db", default=None, metavar="FILE", action=DeprecatedAlias,
+                   new="--state-dir DIR (the database is DIR/" + STATE_DB_FILE + ")")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address of /metrics and /healthz ({DEFAULT_LISTEN})")
+                   help=f"address of /metrics and /healthz (default: {DEFAULT_LISTEN})")
     p.add_argument("--query-delay", type=float, default=2.0, metavar="S",
-                   help="evaluate data time t at wall time t + S so its scrapes have landed (2; raise for "
-                        "remote-write stores such as AMP)")
+                   help="evaluate data time t at wall time t + S so its scrapes have landed; raise it for "
+                        "remote-write stores such as AMP (default: 2)")
     p.add_argument("--max-catchup", type=float, default=3600.0, metavar="S",
-                   help="after a restart, evaluate the missed intervals of at most the last S seconds (3600)")
+                   help="after a restart, evaluate the missed intervals of at most the last S seconds (default: 3600)")
+    p.add_argument("--heartbeat-every", type=int, default=DEFAULT_HEARTBEAT_CYCLES, metavar="N",
+                   help="log a status line (ranks, GPUs and NICs with data, open episodes, worst score) on the "
+                        "first cycle and every N cycles after it; 0 turns it off "
+                        f"(default: {DEFAULT_HEARTBEAT_CYCLES}, once a minute at the 15 s default interval)")
     p.set_defaults(func=run_detector)
 
     d = subparsers.add_parser(
@@ -92,8 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--start", metavar="TIME", help="backtest start: RFC3339 or Unix seconds")
     d.add_argument("--end", metavar="TIME", help="backtest end: RFC3339 or Unix seconds")
     _add_common(d)
-    d.add_argument("--alert-state-dir", metavar="DIR",
+    d.add_argument("--state-dir", metavar="DIR",
                    help="directory for the notifiers' outbox (default: a temporary directory)")
+    d.add_argument("--alert-state-dir", dest="state_dir", metavar="DIR", action=DeprecatedAlias, new="--state-dir")
     d.set_defaults(func=run_detect)
 
 
@@ -134,7 +157,8 @@ def connection_from_args(args: argparse.Namespace, url: str) -> Any:
         basic_user=args.basic_auth_user, basic_password_file=args.basic_auth_password_file,
         basic_password_env=ENV_BASIC_PASSWORD if args.basic_auth_user and not args.basic_auth_password_file else None,
         ca_file=args.ca_file, client_cert=args.client_cert, client_key=args.client_key,
-        insecure_skip_verify=args.insecure_skip_verify, sigv4_region=args.sigv4_region,
+        insecure_skip_verify=args.insecure_skip_verify, allow_redirects=args.allow_redirects,
+        sigv4_region=args.sigv4_region,
         sigv4_service=args.sigv4_service, sigv4_profile=args.sigv4_profile, headers=headers)
 
 
@@ -182,33 +206,64 @@ def build_sinks(raw: dict[str, Any], state_dir: Path, source: str) -> list[Any]:
     return [sink] if sink is not None else []
 
 
+def event_writer(args: argparse.Namespace) -> Any:
+    """stdout (JSON lines or ``--format text``, nothing with ``--quiet``) and ``--events-file``."""
+    from rankwatch.detectors.console import text_renderer
+    from rankwatch.detectors.service import EventWriter
+
+    stream = None if args.quiet else sys.stdout
+    render = text_renderer(stream) if args.format == "text" else None
+    return EventWriter(stream, args.events_file, render=render)
+
+
+def state_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(state directory, state database): ``--state-dir DIR`` holds DIR/detector.sqlite and the
+    alerts' outbox; the deprecated ``--state-db FILE`` names the database, its directory the rest."""
+    if args.state_db:
+        db = Path(args.state_db)
+        return (db.parent if str(db.parent) else Path(".")), db
+    state_dir = Path(args.state_dir)
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"--state-dir {state_dir}: not a directory")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--state-dir {state_dir}: cannot create it ({exc.strerror or exc})") from None
+    return state_dir, state_dir / STATE_DB_FILE
+
+
 def run_detector(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from rankwatch.detectors.cadence import Cadence
     from rankwatch.detectors.core import DetectorCore
+    from rankwatch.detectors.heartbeat import HeartbeatLog
     from rankwatch.detectors.metrics import DetectorMetrics, MetricsServer
     from rankwatch.detectors.prom_client import PromClient
-    from rankwatch.detectors.service import DetectorService, EventWriter
+    from rankwatch.detectors.service import DetectorService
     from rankwatch.detectors.source import PromSource
     from rankwatch.detectors.state import DetectorState
 
     if not args.prometheus:
         raise ConfigError(f"--prometheus URL is required (or set {ENV_URL})")
+    if args.heartbeat_every < 0:
+        raise ConfigError(f"--heartbeat-every: must be 0 (off) or a number of cycles, got {args.heartbeat_every}")
     config, raw = load_settings(args)
     conn = connection_from_args(args, args.prometheus)
-    state_db = Path(args.state_db)
-    sinks = build_sinks(raw, state_db.parent if str(state_db.parent) else Path("."), args.config or "<config>")
+    state_dir, state_db = state_paths(args)
+    sinks = build_sinks(raw, state_dir, args.config or "<config>")
     metrics = DetectorMetrics(config.interval_s)
     server = MetricsServer(metrics, args.listen)
     state = DetectorState(state_db)
     source = PromSource(PromClient(conn), config.window_s, config.efa_error_counters)
     cadence = Cadence(config, source.sample_spacing, explicit_settings(args, raw))
-    writer = EventWriter(None if args.quiet else sys.stdout, args.events_file)
-    service = DetectorService(source, DetectorCore(config), interval_s=config.interval_s, writer=writer,
+    writer = event_writer(args)
+    core = DetectorCore(config)
+    service = DetectorService(source, core, interval_s=config.interval_s, writer=writer,
                               sinks=sinks, state=state, metrics=metrics, query_delay_s=args.query_delay,
-                              max_catchup_s=args.max_catchup, cadence=cadence)
+                              max_catchup_s=args.max_catchup, on_cycle=HeartbeatLog(core, args.heartbeat_every),
+                              cadence=cadence)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -238,7 +293,7 @@ def run_detect(args: argparse.Namespace) -> int:
     from rankwatch.detectors.coverage_log import CoverageLog
     from rankwatch.detectors.prom_client import PromClient
     from rankwatch.detectors.replay import ReplayDataset
-    from rankwatch.detectors.service import EventWriter, align_down, align_up, evaluate_range
+    from rankwatch.detectors.service import align_down, align_up, evaluate_range
     from rankwatch.detectors.source import PromSource
 
     config, raw = load_settings(args)
@@ -247,9 +302,9 @@ def run_detect(args: argparse.Namespace) -> int:
     if args.prometheus and not (args.start and args.end):
         raise ConfigError("a backtest needs --start and --end")
     with tempfile.TemporaryDirectory(prefix="rankwatch-detect-") as tmp:
-        state_dir = Path(args.alert_state_dir) if args.alert_state_dir else Path(tmp)
+        state_dir = Path(args.state_dir) if args.state_dir else Path(tmp)
         sinks = build_sinks(raw, state_dir, args.config or "<config>")
-        writer = EventWriter(None if args.quiet else sys.stdout, args.events_file)
+        writer = event_writer(args)
         dataset = None
         try:
             if args.replay:

@@ -7,6 +7,7 @@ Keys may be given flat at top level or inside a ``[detector]`` table."""
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -131,6 +132,48 @@ class DetectorConfig:
             raise ConfigError(f"min_group_size: must be at least 2, got {self.min_group_size!r}")
         if self.throughput_history < 2 * self.throughput_min_segment:
             raise ConfigError("throughput_history: must be at least twice throughput_min_segment")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                lo, hi = _RANGES.get(f.name, (-_HUGE, _HUGE))
+                if not lo <= value <= hi:
+                    raise ConfigError(f"{f.name}: must be between {lo:g} and {hi:g}, got {value!r}")
+        for xid in self.critical_xids:
+            if not 1 <= xid <= 65535:
+                raise ConfigError(f"critical_xids: an XID is a code from 1 to 65535, got {xid!r}")
+        for name in self.efa_error_counters:
+            check_metric_suffix(name, "efa_error_counters")
+
+
+# Every string that goes into PromQL is checked here. EFA counters become metric names
+# (node_amazonefa_<counter>), so a counter is a metric-name suffix: letters, digits and '_' only.
+# Nothing else in the config reaches a query.
+_METRIC_SUFFIX = re.compile(r"[A-Za-z0-9_]{1,200}")
+
+
+def check_metric_suffix(name: str, key: str) -> str:
+    """``name`` if it can end a metric name, else a ConfigError naming ``key``."""
+    if not isinstance(name, str) or not _METRIC_SUFFIX.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not a metric-name suffix (letters, digits and '_' only, "
+                          "as in retrans_pkts)")
+    return name
+
+
+# Bounds beyond "positive": values outside them are typos or hostile (interval_s = 1e308 would
+# evaluate at time 0 for ever, a window of 1e308 s is no PromQL duration). Times are seconds.
+_DAY, _WEEK, _HUGE = 86_400.0, 604_800.0, 1e12
+_WINDOWS_MAX = 10_000
+_RANGES: dict[str, tuple[float, float]] = {
+    "interval_s": (0.1, _DAY), "window_s": (0.1, _DAY), "warmup_s": (0.0, _WEEK), "hang_min_s": (0.0, _WEEK),
+    "gap_min_s": (0.0, _WEEK),
+    "z_threshold": (0.0, 1000.0), "hang_factor": (0.0, 1e6), "cluster_gap_factor": (0.0, 1e6),
+    "efa_own_factor": (0.0, 1e6), "efa_fleet_factor": (0.0, 1e6), "health_fail_value": (0.0, 1e6),
+    "min_group_size": (2, 100_000), "throughput_history": (2, 100_000),
+    **{k: (1, _WINDOWS_MAX) for k in (
+        "persist_windows", "resolve_windows", "missing_resolve_windows", "throttle_persist_windows",
+        "gpu_resolve_windows", "network_persist_windows", "network_resolve_windows", "throughput_min_segment",
+        "cluster_learn_windows")},
+}
 
 
 _POSITIVE = frozenset({
@@ -158,7 +201,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if kind.startswith("tuple[str"):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: must be a list of names, got {value!r}")
-        return tuple(value)
+        return tuple(check_metric_suffix(v, where) for v in value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: must be a number, got {value!r}")
     if key in _INT_FIELDS:

@@ -5,26 +5,43 @@ Mimir, Amazon Managed Service for Prometheus — so everything server-specific i
 option: bearer token or basic auth, TLS files, extra headers (Mimir's ``X-Scope-OrgID``) and AWS
 SigV4 signing (service ``aps``) with credentials from botocore's default chain.
 
-Secrets come from the environment or files and never appear in logs, reprs or error messages."""
+Secrets come from the environment or files (one line of printable characters, checked by
+``rankwatch.secrets``) and never appear in logs, reprs or error messages: every error text is
+redacted of the token, password and extra header values before it leaves this module.
+
+Transport policy, so that a dead or hostile server costs little and learns nothing:
+- a timeout is never retried, and a live cycle passes one deadline shared by all its queries, so
+  a server that never answers costs one timeout per cycle;
+- connection errors (refused, reset) and HTTP 429/502/503/504 are retried with exponential
+  backoff, within that deadline;
+- redirects are followed by hand: never one that leaves HTTPS or goes to another host unless
+  ``allow_redirects`` is set (and then without the credentials, as requests does); the refusal
+  is logged once."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from rankwatch.errors import ConfigError, RankwatchError
+from rankwatch.secrets import check_secret, read_secret_file
+
+log = logging.getLogger(__name__)
 
 # Environment variables read when no token/password is given on the command line.
 ENV_BEARER_TOKEN = "RANKWATCH_PROMETHEUS_TOKEN"
@@ -33,6 +50,11 @@ ENV_BASIC_PASSWORD = "RANKWATCH_PROMETHEUS_PASSWORD"
 # Statuses worth retrying: overload and gateway errors. A 503 "query timed out" is retried
 # too — it is cheap to give up after ``retries`` tries and the cycle budget stays bounded.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+BACKOFF_MAX_S = 5.0
+# A Retry-After longer than this is not waited for (the query fails; the next cycle asks again).
+RETRY_AFTER_MAX_S = 30.0
 
 
 class PromQueryError(RankwatchError):
@@ -65,6 +87,8 @@ class PromConnection:
     sigv4_service: str = "aps"
     sigv4_profile: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Follow redirects that leave HTTPS or go to another host (never with the credentials).
+    allow_redirects: bool = False
     # gzip responses: None = only when the server is not on this host. Compressing a large
     # result costs Prometheus more CPU than sending it over loopback (BENCHMARKS.md).
     compress: bool | None = None
@@ -82,49 +106,74 @@ class PromConnection:
             raise ConfigError("prometheus auth: choose one of bearer token, basic auth or SigV4")
         if self.client_key and not self.client_cert:
             raise ConfigError("prometheus client key: given without a client certificate")
+        if self.ca_file and self.insecure_skip_verify:
+            raise ConfigError("prometheus TLS: --ca-file and --insecure-skip-verify contradict each other (the CA "
+                              "file would be ignored): give one of them")
+        if not (isinstance(self.timeout_s, int | float) and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"prometheus timeout: must be a finite number of seconds, got {self.timeout_s!r}")
         for name in ("bearer_token_file", "basic_password_file", "ca_file", "client_cert", "client_key"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ConfigError(f"prometheus {name.replace('_', ' ')}: no such file {path!r}")
+        # Checked once at start-up for a clear error; re-read per request (tokens rotate).
+        if self.bearer_token_file:
+            read_secret_file(self.bearer_token_file, "bearer token")
+        if self.basic_password_file:
+            read_secret_file(self.basic_password_file, "basic-auth password")
 
 
 def _read_secret(path: str | None, env: str | None, what: str) -> str:
-    if path:
-        try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise PromQueryError(f"cannot read {what} file {path}: {exc.strerror or exc}",
-                                 error_type="auth") from None
-    else:
-        value = os.environ.get(env or "", "")
-    if not value:
-        where = f"file {path}" if path else f"environment variable {env}"
-        raise PromQueryError(f"{what} is empty ({where})", error_type="auth")
-    return value
+    try:
+        if path:
+            return read_secret_file(path, what)
+        return check_secret(os.environ.get(env or "", ""), f"environment variable {env}", what)
+    except ConfigError as exc:
+        raise PromQueryError(str(exc), error_type="auth") from None
 
 
-class _BearerAuth(requests.auth.AuthBase):
+class _SecretAuth(requests.auth.AuthBase):
+    """Remembers the secrets it sent, so that error texts can be redacted of them."""
+
+    seen: frozenset[str] = frozenset()
+
+    def _remember(self, value: str) -> str:
+        if value not in self.seen:
+            self.seen = self.seen | {value}
+        return value
+
+
+class _BearerAuth(_SecretAuth):
     def __init__(self, token_file: str | None, token_env: str | None) -> None:
         self._file, self._env = token_file, token_env
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        r.headers["Authorization"] = "Bearer " + _read_secret(self._file, self._env, "bearer token")
+        r.headers["Authorization"] = "Bearer " + self._remember(_read_secret(self._file, self._env, "bearer token"))
         return r
 
     def __repr__(self) -> str:
         return "<bearer auth>"
 
 
-class _BasicAuth(requests.auth.AuthBase):
+class _BasicAuth(_SecretAuth):
     def __init__(self, user: str, password_file: str | None, password_env: str | None) -> None:
         self._user, self._file, self._env = user, password_file, password_env
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        password = _read_secret(self._file, self._env, "basic-auth password")
-        return requests.auth.HTTPBasicAuth(self._user, password)(r)
+        password = self._remember(_read_secret(self._file, self._env, "basic-auth password"))
+        r = requests.auth.HTTPBasicAuth(self._user, password)(r)
+        self._remember(r.headers["Authorization"].split(" ", 1)[-1])  # the base64 form too
+        return r
 
     def __repr__(self) -> str:
         return f"<basic auth user={self._user!r}>"
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Sends no credentials (a redirect to another host, followed on request)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers.pop("Authorization", None)
+        return r
 
 
 class SigV4RequestAuth(requests.auth.AuthBase):
@@ -197,14 +246,9 @@ class PromClient:
         self.base = conn.url.rstrip("/")
         self._where = re.sub(r"//[^/@]*@", "//", self.base)  # never echo credentials in a URL
         s = requests.Session()
-        retry = Retry(
-            total=conn.retries, connect=conn.retries, read=conn.retries, status=conn.retries,
-            backoff_factor=conn.backoff_s, status_forcelist=sorted(RETRY_STATUSES),
-            # Queries are read-only: POST (form-encoded, no URL length limit) is safe to retry.
-            allowed_methods=frozenset({"GET", "POST"}), raise_on_status=False,
-            respect_retry_after_header=True, backoff_max=5.0,
-        )
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
+        # No retries inside urllib3: ``_post`` retries itself, within the cycle's deadline, never
+        # after a timeout, and without urllib3's WARNING line per retry.
+        adapter = HTTPAdapter(max_retries=0, pool_connections=pool_size, pool_maxsize=pool_size)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         compress = conn.compress if conn.compress is not None else not is_loopback(self.base)
@@ -226,55 +270,148 @@ class PromClient:
         elif conn.sigv4_region:
             s.auth = SigV4RequestAuth(conn.sigv4_region, conn.sigv4_service, conn.sigv4_profile)
         self.session = s
+        self._lock = threading.Lock()
+        self._redirect_warned = False
         if conn.insecure_skip_verify:
             import urllib3
 
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.warning("TLS certificate verification is OFF for %s (--insecure-skip-verify): anyone on the path "
+                        "can read and alter the queries and their answers", self._where)
 
     def close(self) -> None:
         self.session.close()
 
-    def _post(self, path: str, params: dict[str, Any], what: str) -> dict[str, Any]:
+    # --- secrets never leave in an error text -------------------------------------------------
+
+    def _secrets(self) -> Iterable[str]:
+        auth = self.session.auth
+        yield from getattr(auth, "seen", ())
+        yield from (v for v in self.conn.headers.values() if len(v) >= 4)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret this client sent (token, password, extra header values)
+        replaced by ``***``."""
+        for secret in sorted(self._secrets(), key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _error(self, message: str, error_type: str = "transport") -> PromQueryError:
+        return PromQueryError(self.redact(message), error_type=error_type)
+
+    # --- one request: retries, deadline, redirects ----------------------------------------------
+
+    def _send(self, url: str, params: dict[str, Any], timeout: float, what: str) -> requests.Response:
+        """POST, following redirects by hand: only within HTTPS (or up to it) and the same host,
+        unless ``allow_redirects``. Every hop re-sends the form (queries are read-only)."""
+        auth: Any = None
+        r = self.session.post(url, data=params, timeout=timeout, verify=self._verify, cert=self._cert,
+                              allow_redirects=False)
+        for _ in range(MAX_REDIRECTS):
+            if r.status_code not in REDIRECT_STATUSES or "location" not in r.headers:
+                return r
+            target = urljoin(r.url, r.headers["location"])
+            old, new = urlsplit(r.url), urlsplit(target)
+            why = None
+            if new.scheme not in ("http", "https"):
+                why = f"to a {new.scheme or 'relative'} URL"
+            elif old.scheme == "https" and new.scheme != "https":
+                why = "from HTTPS to plain HTTP"
+            elif (old.hostname or "").lower() != (new.hostname or "").lower():
+                why = "to another host"
+            shown = re.sub(r"//[^/@]*@", "//", target.split("?", 1)[0])
+            if why and (not self.conn.allow_redirects or new.scheme not in ("http", "https")):
+                r.close()
+                with self._lock:
+                    first, self._redirect_warned = not self._redirect_warned, True
+                if first:
+                    log.warning("%s answered HTTP %d redirecting %s (%s): not followed, the queries and headers "
+                                "would leave the connection you configured; point --prometheus at the new "
+                                "address, or pass --allow-redirects", self._where, r.status_code, why, shown)
+                raise self._error(f"{what}: HTTP {r.status_code} redirect {why} ({shown}) refused",
+                                  error_type="redirect")
+            if (old.hostname or "").lower() != (new.hostname or "").lower():
+                auth = _NoAuth()  # credentials stay with the host they were meant for
+            r.close()
+            r = self.session.post(target, data=params, timeout=timeout, verify=self._verify, cert=self._cert,
+                                  allow_redirects=False, auth=auth)
+        if r.status_code in REDIRECT_STATUSES and "location" in r.headers:
+            r.close()
+            raise self._error(f"{what}: more than {MAX_REDIRECTS} redirects", error_type="redirect")
+        return r
+
+    def _post(self, path: str, params: dict[str, Any], what: str, deadline: float | None = None) -> dict[str, Any]:
+        """One API call. ``deadline`` (``time.monotonic()``) bounds every try and wait together."""
         url = self.base + path
-        try:
-            r = self.session.post(url, data=params, timeout=self.conn.timeout_s, verify=self._verify, cert=self._cert)
-        except requests.exceptions.Timeout as exc:
-            raise PromQueryError(f"{what}: timed out after {self.conn.timeout_s:g}s ({self.conn.retries} retries): "
-                                 f"{_reason(exc)}", error_type="timeout") from None
-        except requests.exceptions.SSLError as exc:
-            raise PromQueryError(f"{what}: TLS error with {self._where}: {_reason(exc)}", error_type="tls") from None
-        except requests.ConnectionError as exc:
-            # with retries, urllib3 reports an exhausted read timeout as a connection error
-            if "timed out" in str(exc).lower():
-                raise PromQueryError(f"{what}: timed out after {self.conn.timeout_s:g}s ({self.conn.retries} "
-                                     f"retries): {_reason(exc)}", error_type="timeout") from None
-            raise PromQueryError(f"{what}: cannot connect to {self._where} ({self.conn.retries} retries): "
-                                 f"{_reason(exc)}", error_type="connection") from None
-        except requests.RequestException as exc:
-            raise PromQueryError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from None
+        for attempt in range(self.conn.retries + 1):
+            timeout = self.conn.timeout_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise self._error(f"{what}: not sent, the cycle's {self.conn.timeout_s:g}s budget is spent",
+                                      error_type="timeout")
+            last = attempt >= self.conn.retries
+            try:
+                r = self._send(url, params, timeout, what)
+            except PromQueryError:
+                raise
+            except requests.exceptions.Timeout as exc:
+                # never retried: a server that did not answer in time will not answer a second try
+                raise self._error(f"{what}: timed out after {timeout:g}s (not retried): {_reason(exc)}",
+                                  error_type="timeout") from None
+            except requests.exceptions.SSLError as exc:
+                raise self._error(f"{what}: TLS error with {self._where}: {_reason(exc)}", error_type="tls") from None
+            except requests.ConnectionError as exc:
+                wait = self._backoff(attempt)
+                if last or not _can_wait(deadline, wait):
+                    raise self._error(f"{what}: cannot connect to {self._where} ({attempt} retries): "
+                                      f"{_reason(exc)}", error_type="connection") from None
+            except requests.RequestException as exc:
+                raise self._error(f"{what}: {type(exc).__name__}: {_reason(exc)}") from None
+            except (ValueError, TypeError, OSError) as exc:
+                # e.g. http.client refusing a header value: its text may hold the value
+                raise self._error(f"{what}: request failed: {type(exc).__name__}: {exc}") from None
+            else:
+                if r.status_code not in RETRY_STATUSES or last:
+                    return self._decode(r, what)
+                retry_after = _retry_after(r.headers.get("Retry-After"), self._backoff(attempt))
+                if retry_after is None or not _can_wait(deadline, retry_after):
+                    return self._decode(r, what)  # the server's own error, not retried
+                wait = retry_after
+            log.debug("%s: retry %d in %.2fs", what, attempt + 1, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _backoff(self, attempt: int) -> float:
+        return min(BACKOFF_MAX_S, self.conn.backoff_s * (2 ** attempt))
+
+    def _decode(self, r: requests.Response, what: str) -> dict[str, Any]:
         try:
             body = self.loads(r.content)
         except ValueError:
             snippet = r.text[:200].replace("\n", " ")
-            raise PromQueryError(f"{what}: HTTP {r.status_code}, response is not JSON: {snippet!r}",
-                                 error_type="bad_response") from None
+            raise self._error(f"{what}: HTTP {r.status_code}, response is not JSON: {snippet!r}",
+                              error_type="bad_response") from None
         if not isinstance(body, dict) or "status" not in body:
-            raise PromQueryError(f"{what}: HTTP {r.status_code}, unexpected JSON (no 'status')",
-                                 error_type="bad_response")
+            raise self._error(f"{what}: HTTP {r.status_code}, unexpected JSON (no 'status')",
+                              error_type="bad_response")
         if body["status"] != "success":
             et = str(body.get("errorType") or f"http_{r.status_code}")
-            raise PromQueryError(f"{what}: HTTP {r.status_code} {et}: {body.get('error')}", error_type=et)
+            raise self._error(f"{what}: HTTP {r.status_code} {et}: {body.get('error')}", error_type=et)
         data = body.get("data")
         if not isinstance(data, dict) or not isinstance(data.get("result"), list):
-            raise PromQueryError(f"{what}: 'data.result' missing or not a list", error_type="bad_response")
+            raise self._error(f"{what}: 'data.result' missing or not a list", error_type="bad_response")
         return data
 
-    def query(self, expr: str, time_s: float | None = None) -> list[tuple[dict[str, str], float]]:
-        """Instant query → [(labels, value)], NaN/Inf values dropped (they mean "no data")."""
+    def query(self, expr: str, time_s: float | None = None, *, deadline: float | None = None
+              ) -> list[tuple[dict[str, str], float]]:
+        """Instant query → [(labels, value)], NaN/Inf values dropped (they mean "no data").
+        ``deadline`` (``time.monotonic()``): the cycle's budget, shared with its other queries."""
         params: dict[str, Any] = {"query": expr}
         if time_s is not None:
             params["time"] = f"{time_s:.3f}"
-        data = self._post("/api/v1/query", params, "query")
+        data = self._post("/api/v1/query", params, "query", deadline)
         if data.get("resultType") != "vector":
             raise PromQueryError(f"query: expected a vector, got {data.get('resultType')!r}",
                                  error_type="bad_response")
@@ -306,6 +443,28 @@ class PromClient:
             raise PromQueryError(f"range query: malformed sample: {exc!r}",
                                  error_type="bad_response") from None
         return out
+
+
+def _can_wait(deadline: float | None, seconds: float) -> bool:
+    return deadline is None or time.monotonic() + seconds < deadline
+
+
+def _retry_after(header: str | None, default: float) -> float | None:
+    """Seconds to wait before retrying: the server's Retry-After (seconds or an HTTP date), else
+    ``default``; None when it asks for more than RETRY_AFTER_MAX_S."""
+    if not header:
+        return default
+    try:
+        wait = float(header)
+    except ValueError:
+        try:
+            wait = parsedate_to_datetime(header).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return default
+    if not math.isfinite(wait):
+        return None
+    wait = max(0.0, wait)
+    return wait if wait <= RETRY_AFTER_MAX_S else None
 
 
 def _reason(exc: BaseException) -> str:

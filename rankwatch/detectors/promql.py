@@ -12,7 +12,7 @@ Expressions stay plain selectors and ``*_over_time``/``rate``/``increase`` calls
 time = section rate / step rate; rank -> target ``up``; EFA ``instance`` -> host) and de-duplication
 (a target scraped by two jobs) happen in ``source.build_snapshot``, identically for both paths:
 Prometheus 2.x evaluates ``max by`` and vector matching step by step, and measured on a
-64-rank, 30-minute replay they cost 10x the plain selectors (BENCHMARKS.md). Joins follow
+64-rank, 30-minute replay they cost several times the plain selectors (BENCHMARKS.md). Joins follow
 DESIGN.md "Joining series": never on scrape job names. Probe series carry ``run``/``rank``/
 ``node``; GPU series carry dcgm's ``Hostname``; EFA series carry only the ``instance`` that
 Prometheus adds, which joins to the host through ``rankwatch_node_info{Hostname}``.
@@ -21,6 +21,7 @@ Everything here is PromQL that VictoriaMetrics' MetricsQL also accepts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -219,6 +220,9 @@ def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: f
     xid = f'{XID_COUNT}{{xid!=""}}'
     qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {nw}) or increase({xid}[{nw}])"))
     counters = list(dict.fromkeys([*efa_counters, *EFA_THROUGHPUT_COUNTERS]))
+    bad = [c for c in counters if not re.fullmatch(r"[A-Za-z0-9_]+", c)]
+    if bad:  # the config checks them (config.check_metric_suffix); never paste anything else
+        raise ValueError(f"EFA counter names must be metric-name suffixes, got {bad!r}")
     qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{nw}])") for c in counters]
     # Which NICs exist (seen over the lookback), so that a NIC without data in the window is
     # counted as unwatched rather than not known.

@@ -27,7 +27,7 @@ from rankwatch.detectors.coverage import Coverage
 from rankwatch.detectors.coverage_log import CoverageLog
 from rankwatch.detectors.metrics import DetectorMetrics
 from rankwatch.detectors.model import Snapshot
-from rankwatch.detectors.state import DetectorState
+from rankwatch.detectors.state import DetectorState, StateError
 from rankwatch.errors import ConfigError
 from rankwatch.events import Event, EventSink
 
@@ -49,6 +49,23 @@ class SnapshotSource(Protocol):
     def snapshot(self, t: float) -> Snapshot: ...
 
 
+def summarize_errors(errors: Sequence[str], n_queries: int | None = None) -> str:
+    """One line for a cycle's failed queries (``"<query>: <reason>"`` each): how many failed and
+    their distinct reasons, the queries skipped after the server failed folded into the first."""
+    reasons: list[str] = []
+    for e in errors:
+        reason = e.split(": ", 1)[-1]
+        if not reason.startswith("skipped, ") and reason not in reasons:
+            reasons.append(reason)
+    if not reasons:  # only skips (cannot happen: something failed first)
+        reasons = [errors[0].split(": ", 1)[-1]] if errors else []
+    of = f" of {n_queries}" if n_queries else ""
+    noun = "query" if (n_queries or len(errors)) == 1 else "queries"
+    text = f"{len(errors)}{of} {noun} failed, their quantities are missing: "
+    text += "; ".join(reasons[:2])
+    return text + (f" (+{len(reasons) - 2} other reasons)" if len(reasons) > 2 else "")
+
+
 def align_down(t: float, interval: float) -> float:
     return math.floor(t / interval + 1e-9) * interval
 
@@ -58,10 +75,13 @@ def align_up(t: float, interval: float) -> float:
 
 
 class EventWriter:
-    """JSON lines to a stream (stdout) and/or appended to a file, flushed per event."""
+    """JSON lines to a stream (stdout) and/or appended to a file, flushed per event. ``render``
+    formats the stream's lines instead (``--format text``); the file stays JSON lines."""
 
-    def __init__(self, stream: IO[str] | None = None, path: str | Path | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, path: str | Path | None = None,
+                 render: Callable[[Event], str] | None = None) -> None:
         self.stream = stream
+        self.render = render
         self.file: IO[str] | None = None
         if path is not None:
             p = Path(path)
@@ -71,10 +91,12 @@ class EventWriter:
     def publish(self, events: Sequence[Event]) -> None:
         for e in events:
             line = e.to_json() + "\n"
-            for out in (self.stream, self.file):
-                if out is not None:
-                    out.write(line)
-                    out.flush()
+            if self.file is not None:
+                self.file.write(line)
+                self.file.flush()
+            if self.stream is not None:
+                self.stream.write(line if self.render is None else self.render(e) + "\n")
+                self.stream.flush()
 
     def close(self) -> None:
         if self.file is not None:
@@ -89,6 +111,7 @@ class CycleResult:
     errors: list[str]
     duration_s: float
     all_failed: bool
+    snapshot: Snapshot | None = None  # what was evaluated (None when the cycle failed)
     # what the evaluation saw out of what it knows (``Coverage.describe()`` is one log line)
     coverage: Coverage | None = None
 
@@ -97,8 +120,10 @@ class DetectorService:
     def __init__(self, source: SnapshotSource, core: Core, *, interval_s: float, writer: EventWriter | None = None,
                  sinks: Iterable[EventSink] = (), state: DetectorState | None = None,
                  metrics: DetectorMetrics | None = None, query_delay_s: float = 2.0, max_catchup_s: float = 3600.0,
-                 clock: Callable[[], float] = time.time, cadence: Cadence | None = None) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_cycle: Callable[[CycleResult], None] | None = None, cadence: Cadence | None = None) -> None:
         self.source = source
+        self.on_cycle = on_cycle  # after every live cycle (the CLI's heartbeat)
         self.core = core
         self._interval_s = float(interval_s)
         self.cadence = cadence
@@ -118,7 +143,7 @@ class DetectorService:
                 try:
                     core.import_state(saved)
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"--state-db {state.path}: cannot resume from the stored state ({exc}); "
+                    raise ConfigError(f"state database {state.path}: cannot resume from the stored state ({exc}); "
                                       "move the file away to start afresh") from None
                 self.last_time = last
                 log.info("resumed detector state: last evaluation at %.0f", last)
@@ -188,24 +213,31 @@ class DetectorService:
         if self.state is not None:
             try:
                 ids = self.state.save(t, self.core.export_state(), events)
-            except Exception:  # disk full, locked file: keep detecting, the events still go out
+            except StateError as exc:  # locked, disk full: keep detecting, the events still go out
+                log.warning("detector state at %.0f not saved: %s; its %d event(s) are published anyway",
+                            t, exc, len(events))
+            except Exception:
                 log.exception("cannot save detector state at %.3f", t)
         self._emit(events)
         if self.state is not None and ids:
             try:
                 self.state.mark_published(ids)
+            except StateError as exc:
+                log.warning("events published but not marked so: %s (a restart publishes them again)", exc)
             except Exception:
                 log.exception("cannot mark events published")
         duration = time.perf_counter() - started
         n_queries = len(getattr(self.source, "queries", ())) or None
         all_failed = bool(snap.errors) and n_queries is not None and len(snap.errors) >= n_queries
+        if snap.errors:
+            log.warning("evaluation at %.0f: %s", t, summarize_errors(snap.errors, n_queries))
         if self.metrics is not None:
             self.metrics.observe_cycle(
                 t=t, duration_s=duration, errors=snap.errors, events=events, scores=self.core.scores,
                 flagged=self.core.flagged,
                 counts={"ranks": len(snap.ranks), "gpus": len(snap.gpus), "nics": len(snap.nics),
                         "nodes": len(snap.nodes)})
-        return CycleResult(t, events, list(snap.errors), duration, all_failed, cov)
+        return CycleResult(t, events, list(snap.errors), duration, all_failed, snap, cov)
 
     def first_time(self) -> float:
         """The first data time to evaluate: right after the saved one (catching up at most
@@ -221,14 +253,26 @@ class DetectorService:
         t = self.first_time()
         while not stop.is_set():
             due = align_down(self.clock() - self.query_delay_s, self.interval_s)
+            if t > due + self.interval_s:
+                # Only a clock set back puts the next evaluation more than an interval ahead:
+                # waiting for it would leave the detector blind until then.
+                log.warning("the clock went back: the next evaluation (data time %.0f) is %.0f s ahead of now; "
+                            "evaluating from now on (%.0f)", t, t - due, due)
+                t = due
+            elif due - t > self.max_catchup_s:
+                t = align_down(due - self.max_catchup_s, self.interval_s)
+                log.warning("the clock jumped forward: skipping to data time %.0f (at most --max-catchup %.0f s "
+                            "of missed evaluations)", t, self.max_catchup_s)
             if t > due:
                 stop.wait(max(0.0, t + self.query_delay_s - self.clock()))
                 continue
             interval = self.interval_s
             res = self.run_cycle(t)
-            if res.errors:
-                log.warning("evaluation at %.0f: %d quer%s failed", t, len(res.errors),
-                            "y" if len(res.errors) == 1 else "ies")
+            if self.on_cycle is not None:
+                try:
+                    self.on_cycle(res)
+                except Exception:
+                    log.exception("cycle hook failed")
             t += self.interval_s
             if self.interval_s != interval:
                 t = align_up(t, self.interval_s)  # the data's spacing changed the grid

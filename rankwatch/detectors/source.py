@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import math
+import time
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -429,7 +430,7 @@ class PromSource:
             try:
                 return fn(expr)
             except PromQueryError as exc:
-                if exc.error_type in ("connection", "timeout", "tls"):
+                if exc.error_type in ("connection", "timeout", "tls", "redirect", "auth"):
                     down.append(str(exc))
                 raise
 
@@ -457,14 +458,18 @@ class PromSource:
         return results, errors
 
     def snapshot(self, t: float) -> Snapshot:
-        """Live: instant queries evaluated at data time ``t``."""
+        """Live: instant queries evaluated at data time ``t``, all within one deadline (the
+        client's timeout): a server that never answers costs one timeout per cycle. Failures are
+        in ``Snapshot.errors``; the service logs one line per cycle for them."""
+        deadline = time.monotonic() + self.client.conn.timeout_s
+
         def instant(expr: str) -> list[Series]:
-            return [(labels, [(t, v)]) for labels, v in self.client.query(expr, t)]
+            return [(labels, [(t, v)]) for labels, v in self.client.query(expr, t, deadline=deadline)]
 
         with _gc_paused():  # the decoding threads allocate as much as the joins
             results, errors = self._run_all(instant, self.instant_queries)
             for e in errors:
-                log.warning("query failed at %.3f: %s", t, e)
+                log.debug("query failed at %.3f: %s", t, e)
             return build_snapshots([t], self.window_s, results, errors, self.node_window_s)[0]
 
     def snapshots(self, start: float, end: float, step: float) -> Iterator[Snapshot]:

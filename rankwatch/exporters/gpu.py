@@ -162,6 +162,7 @@ class _Gpu:
     logged_lost: bool = False
     unsupported: set[str] = field(default_factory=set)  # calls/fields NVML says it lacks
     gpm: bool = False
+    gpm_off_reason: str | None = None  # why DCGM_FI_PROF_* are not exported (None: exported)
     gpm_samples: list[Any] = field(default_factory=list)  # [previous, spare]
     gpm_time: float = 0.0
     gpm_values: dict[str, float] | None = None
@@ -321,6 +322,7 @@ class GpuCollector:
         g.lost_error = None
         try:
             g.gpm = bool(nvml.nvmlGpmQueryDeviceSupport(g.handle).isSupportedDevice)
+            g.gpm_off_reason = None if g.gpm else "nvmlGpmQueryDeviceSupport: device not supported"
             if g.gpm:
                 g.gpm_samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
                 nvml.nvmlGpmSampleGet(g.handle, g.gpm_samples[0])
@@ -330,6 +332,7 @@ class GpuCollector:
             # GPM wrappers: DCGM_FI_PROF_* are omitted.
             log.info("GPU %d: no GPM profiling metrics (%s)", g.index, exc)
             g.gpm = False
+            g.gpm_off_reason = f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
         """Stop the XID listener, free NVML resources, shut NVML down. Idempotent."""
@@ -363,6 +366,13 @@ class GpuCollector:
     @property
     def xid_listener(self) -> XidListener | None:
         return self._listener
+
+    def support_report(self) -> dict[int, dict[str, Any]]:
+        """Per GPU: the NVML calls that answered NOT_SUPPORTED (their families are left out, as
+        DCGM leaves out unsupported fields) and why GPM profiling is off (None when on)."""
+        with self._lock:
+            return {g.index: {"unsupported_calls": sorted(g.unsupported), "gpm_off_reason": g.gpm_off_reason}
+                    for g in self._gpus}
 
     # --- reading -----------------------------------------------------------------------------------
     def _note_error(self, g: _Gpu, call: str, exc: Any) -> None:

@@ -36,6 +36,7 @@ from rankwatch.errors import ConfigError, RankwatchError
 from rankwatch.exporters.base import Collector
 from rankwatch.exporters.exposition import CONTENT_TYPE, Renderer
 from rankwatch.exporters.selfmetrics import CollectorRunner, exporter_families, process_families
+from rankwatch.sim.faults import NODE_FAULTS, Injection, parse_injection
 
 log = logging.getLogger(__name__)
 
@@ -279,32 +280,43 @@ def register(subparsers: Any) -> None:
                     "names) and the EFA collector (sysfs hw_counters, node_amazonefa_* names).",
     )
     p.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address to serve on (default {DEFAULT_LISTEN})")
+                   help=f"address to serve on (default: {DEFAULT_LISTEN})")
     p.add_argument("--path.sysfs", dest="sysfs", default="/sys", metavar="DIR",
-                   help="sysfs mount point, as node_exporter's flag (default /sys)")
+                   help="sysfs mount point, as node_exporter's flag (default: /sys)")
     p.add_argument("--collector.gpu", dest="collector_gpu", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPU metrics from NVML (default on)")
+                   help="GPU metrics from NVML (default: on)")
     p.add_argument("--collector.efa", dest="collector_efa", action=argparse.BooleanOptionalAction, default=True,
-                   help="EFA metrics from sysfs (default on)")
+                   help="EFA metrics from sysfs (default: on)")
     p.add_argument("--collector.efa.timeout", dest="efa_timeout", type=float, default=1.0, metavar="SECONDS",
-                   help="give up on an EFA device that has not answered after this long (default 1)")
+                   help="give up on an EFA device that has not answered after this long (default: 1)")
     p.add_argument("--collector.timeout", dest="collector_timeout", type=float, default=4.0, metavar="SECONDS",
-                   help="give up on a whole collector after this long (default 4)")
+                   help="give up on a whole collector after this long (default: 4)")
     p.add_argument("--hostname", default=None,
-                   help="value of the Hostname label (default $NODE_NAME, else the host name)")
+                   help="value of the Hostname label (default: $NODE_NAME, else the host name)")
     p.add_argument("--job-mapping-dir", default=os.environ.get("DCGM_HPC_JOB_MAPPING_DIR"), metavar="DIR",
                    help="dcgm-style job mapping directory, one file per GPU index holding job ids "
-                        "(default $DCGM_HPC_JOB_MAPPING_DIR)")
+                        "(default: $DCGM_HPC_JOB_MAPPING_DIR)")
     sim = p.add_argument_group("simulated hardware")
     sim.add_argument("--simulate", action="store_true",
                      help="serve a simulated p5.48xlarge node: simulated NVML GPUs and a fake EFA sysfs tree")
-    sim.add_argument("--simulate-gpus", type=int, default=8, metavar="N", help="simulated GPUs (default 8)")
+    sim.add_argument("--simulate-gpus", type=int, default=8, metavar="N", help="simulated GPUs (default: 8)")
     sim.add_argument("--simulate-efa", type=int, default=32, metavar="N",
-                     help="simulated EFA devices in a temporary sysfs tree (default 32); 0 reads --path.sysfs")
-    sim.add_argument("--simulate-seed", type=int, default=0, metavar="N", help="seed of the simulation (default 0)")
+                     help="simulated EFA devices in a temporary sysfs tree; 0 reads --path.sysfs (default: 32)")
+    sim.add_argument("--simulate-seed", type=int, default=0, metavar="N", help="seed of the simulation (default: 0)")
     sim.add_argument("--simulate-clock", type=float, default=None, metavar="UNIX_TIME",
                      help="freeze simulated time at this Unix time (reproducible output, for golden tests)")
+    sim.add_argument("--inject", action="append", default=[], type=_injection, metavar="KIND@SECONDS[:GPU|NIC]",
+                     help="with --simulate: start a fault SECONDS after start-up on GPU or EFA device index "
+                          f"GPU|NIC, 0 if not given; KIND is one of {', '.join(NODE_FAULTS)}; repeatable, "
+                          "e.g. --inject thermal@30:3 --inject efa@60:1")
     p.set_defaults(func=_run)
+
+
+def _injection(text: str) -> Injection:
+    try:
+        return parse_injection(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -317,6 +329,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--job-mapping-dir {args.job_mapping_dir}: not a directory")
     if not args.collector_gpu and not args.collector_efa:
         raise ConfigError("every collector is disabled: enable --collector.gpu or --collector.efa")
+    for inj in args.inject:
+        spec = f"--inject {inj.kind}@{inj.at_s:g}:{inj.target}"
+        if not args.simulate:
+            raise ConfigError(f"{spec}: faults are injected into simulated hardware only; add --simulate")
+        count = args.simulate_gpus if inj.on_gpu else args.simulate_efa
+        if not 0 <= inj.target < count:
+            what = "GPU" if inj.on_gpu else "EFA device"
+            raise ConfigError(f"{spec}: no {what} {inj.target}; the simulated node has {count} "
+                              f"({'--simulate-gpus' if inj.on_gpu else '--simulate-efa'})")
 
 
 def build_collectors(args: argparse.Namespace, hostname: str) -> list[Collector]:
@@ -354,6 +375,7 @@ def _run(args: argparse.Namespace) -> int:
     host, port = parse_listen_address(args.listen)
     hostname = args.hostname or default_hostname()
     node = None
+    timers: list[threading.Timer] = []
     if args.simulate:
         from rankwatch.sim.node import SimulatedNode
 
@@ -366,12 +388,15 @@ def _run(args: argparse.Namespace) -> int:
         exporter = node.exporter
         log.info("simulating %d GPUs and %d EFA devices (sysfs tree %s)", args.simulate_gpus,
                  args.simulate_efa, node.sysfs_root)
+        timers = schedule_injections(node, args.inject)
     else:
         exporter = NodeExporter(build_collectors(args, hostname), hostname,
                                 collector_timeout=args.collector_timeout)
     try:
         server = exporter.serve(host, port)
     except RankwatchError:
+        for timer in timers:
+            timer.cancel()
         (node or exporter).close()
         raise
     stop = threading.Event()
@@ -387,6 +412,33 @@ def _run(args: argparse.Namespace) -> int:
     try:
         stop.wait()
     finally:
+        for timer in timers:
+            timer.cancel()
         server.stop()
         (node or exporter).close()
     return 0
+
+
+def schedule_injections(node: Any, injections: Sequence[Injection]) -> list[threading.Timer]:
+    """Start each fault on the simulated node at its time (now for 0 s); returns the timers
+    still to fire, for cancelling at shutdown."""
+    from rankwatch.sim import faults
+
+    def fire(inj: Injection) -> None:
+        try:
+            faults.inject(node.nvml, node.efa, inj.kind, inj.target)
+        except Exception:  # a simulator refusal must not stop the exporter
+            log.exception("cannot inject %s", inj.describe())
+            return
+        log.warning("injected %s (simulated hardware)", inj.describe())
+
+    timers = []
+    for inj in injections:
+        if inj.at_s <= 0:
+            fire(inj)
+        else:
+            timer = threading.Timer(inj.at_s, fire, args=(inj,))
+            timer.daemon = True
+            timer.start()
+            timers.append(timer)
+    return timers

@@ -85,9 +85,9 @@ class CollectorRunner:
 
     def run(self) -> list[CollectorRun]:
         # One collector after another, each on its own thread with its own deadline. Not in
-        # parallel: the collectors are Python code holding the GIL, and a thread doing sysfs
-        # reads waits up to the interpreter's 5 ms switch interval after every syscall while
-        # another thread computes, which made parallel scrapes several times slower.
+        # parallel: the collectors are Python code holding the GIL, so threads gain nothing
+        # (BENCHMARKS.md, node exporter internals), and a thread doing sysfs reads can wait up
+        # to the interpreter's 5 ms switch interval after a syscall while another computes.
         runs: list[CollectorRun] = []
         for c in self.collectors:
             stuck = self._stuck.get(c.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ class RecordedRequest:
     params: dict[str, Any]  # merged query string, form fields and JSON body
     status: int  # what the server answered
     time: float = field(default_factory=time.time)
+    error: str | None = None  # the Web API's "error" when it answered ok: false
 
     @property
     def api_method(self) -> str | None:
@@ -69,6 +71,9 @@ class SlackServer:
         self._ts = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Called (in the request's thread) after every request has been recorded and answered:
+        # `rankwatch sim slack` rewrites its --dump file there.
+        self.on_request: Callable[[RecordedRequest], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -172,8 +177,10 @@ class SlackServer:
         status, payload, extra_headers = self._fault_for(parsed.path)
         if status is None:
             status, payload, extra_headers = self._route(parsed.path, params, headers, body)
+        error = payload.get("error") if isinstance(payload, dict) and not payload.get("ok", True) else None
+        rec = RecordedRequest(h.command, parsed.path, headers, body, params, status, error=error)
         with self._lock:
-            self.requests.append(RecordedRequest(h.command, parsed.path, headers, body, params, status))
+            self.requests.append(rec)
         data = payload if isinstance(payload, bytes) else (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         h.send_response(status)
         is_text = isinstance(payload, str | bytes)
@@ -183,6 +190,8 @@ class SlackServer:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+        if self.on_request is not None:
+            self.on_request(rec)
 
     def _fault_for(self, path: str) -> tuple[int | None, Any, dict[str, str]]:
         with self._lock:
@@ -348,3 +357,14 @@ def _blocks_ok(blocks: Any) -> bool:
         if t == "context" and len(b.get("elements") or []) > 10:
             return False
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rankwatch.sim.slack …`` is ``rankwatch sim slack …``."""
+    from rankwatch.cli import main as rankwatch_main
+
+    return rankwatch_main(["sim", "slack", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

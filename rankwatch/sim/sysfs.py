@@ -458,8 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rankwatch.sim.sysfs",
                                      description="Write a fake /sys tree with EFA devices.")
     parser.add_argument("root", help="directory to create; pass it to --path.sysfs")
-    parser.add_argument("--devices", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=32, help="EFA devices to create (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the devices' names and rates (default: 0)")
     parser.add_argument("--node-exporter-compat", action="store_true",
                         help="also create Mellanox-style ports/1/counters/, board_id and hca_type, "
                              "without which node_exporter 1.5 exports nothing")

@@ -1,0 +1,66 @@
+"""The common part of rankwatch's local stand-ins for JSON HTTP APIs (Grafana, AMP): a threaded
+server on 127.0.0.1 and a free port, started and stopped as a context manager, and one handler
+that reads the request and writes what the subclass's :meth:`LocalJsonApi.respond` returns."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+METHODS = ("GET", "POST", "PUT", "DELETE")
+
+
+class LocalJsonApi:
+    """Subclasses implement ``respond(method, path, headers, raw_body) -> (status, payload,
+    extra_headers)``; every request is recorded as ``(method, path, status)`` (no headers, so no
+    secrets, in the record)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, int]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def respond(self, method: str, path: str, headers: dict[str, str],
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        raise NotImplementedError
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                status, payload, extra = api.respond(self.command, self.path, dict(self.headers), raw)
+                api.requests.append((self.command, self.path, status))
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        for method in METHODS:
+            setattr(Handler, f"do_{method}", Handler._serve)
+        return Handler
