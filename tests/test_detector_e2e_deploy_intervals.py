@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from test_detector_e2e_done import free_port_block, stop
+from test_detector_e2e_done import SLOW_RANK, free_port_block, start_sim_node, start_slow_job, stop
 
 from rankwatch import promserver
 
-SLOW_RANK = 2
 DEADLINE_S = 600.0
 
 
@@ -70,17 +69,8 @@ def test_defaults_find_a_straggler_at_the_shipped_scrape_intervals(intervals, pr
     env = dict(subprocess_env, RANKWATCH_NODE="simnode-0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="0,1,2,3")
     node_port = promserver.free_port()
     probe_base = free_port_block(4)
-    node = subprocess.Popen(
-        [sys.executable, "-m", "rankwatch", "node-exporter", "--simulate", "--simulate-efa", "4",
-         "--hostname", "simnode-0", "--web.listen-address", f"127.0.0.1:{node_port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node.log", "w"), start_new_session=True)
-    job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-         str(REPO / "examples" / "train_ddp.py"), "--slow-rank", str(SLOW_RANK), "--slow-factor", "2.0",
-         "--steps", "0", "--stop-file", str(tmp_path / "stop"), "--probe-port-base", str(probe_base),
-         "--run-id", "shipped", "--log-every", "1000"],
-        env=env, cwd=tmp_path, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    node = start_sim_node(env, tmp_path, node_port)
+    job = start_slow_job(env, tmp_path, probe_base, "shipped", "--steps", "0", "--stop-file", str(tmp_path / "stop"))
     detector = None
     try:
         prom = prometheus_factory(
