@@ -34,10 +34,10 @@ FORMATS = ("json", "text")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="detector TOML (thresholds; [slack]/[wandb]/... for alerting)")
     p.add_argument("--interval", type=float, metavar="S",
-                   help="seconds between evaluations, at least (overrides interval_s; default: 15, raised to the "
+                   help="seconds between evaluations, at least; overrides interval_s (default: 15, raised to the "
                         "probes' scrape interval learned from the data)")
     p.add_argument("--window", type=float, metavar="S",
-                   help="window of the rates, at least (overrides window_s; default: 15, raised to interval + scrape "
+                   help="window of the rates, at least; overrides window_s (default: 15, raised to interval + scrape "
                         "interval and 3 samples of each source)")
     p.add_argument("--events-file", metavar="FILE", help="also append the JSON-lines events to FILE (always JSON)")
     p.add_argument("--format", choices=FORMATS, default="json",

@@ -94,10 +94,10 @@ class Coverage:
         return any(self.known[s] and not self.with_data[s] for s in SOURCES)
 
     def key(self) -> tuple[Any, ...]:
-        """What a change of coverage means: a count moved, a run came or went, queries started
-        or stopped failing."""
+        """What a change of coverage means: a count moved, a run came or went. (Failing queries
+        are the service's own warning, every cycle they fail, and a data_gap when they last.)"""
         return (tuple((s, self.known[s], self.with_data[s]) for s in SOURCES),
-                tuple(sorted((r, c.expected, c.with_data) for r, c in self.runs.items())), bool(self.failed_queries))
+                tuple(sorted((r, c.expected, c.with_data) for r, c in self.runs.items())))
 
     def describe(self) -> str:
         """One line: ``run r 255/256 ranks (no data: rank 17 on node-02 GPU 1); GPUs 256/256; ...``."""

@@ -78,7 +78,7 @@ class CoverageLog:
         key = cov.key()
         if key != self._key:
             partial = cov.blind or any(cov.known[s] != cov.with_data[s] for s in cov.known) or \
-                bool(cov.failed_queries or cov.nodes_without_exporter)
+                bool(cov.nodes_without_exporter)
             if self._key is not None or partial:
                 lines.append((logging.WARNING if partial else logging.INFO, f"coverage: {cov.describe()}"))
             self._key = key
