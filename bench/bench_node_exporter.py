@@ -1,19 +1,24 @@
-"""Benchmark: `rankwatch node-exporter` on a simulated p5.48xlarge (8 GPUs + 32 EFA devices)
-against Debian's prometheus-node-exporter (infiniband collector only) on the same fake sysfs.
+"""Benchmark: the node side at p5.48xlarge density, like for like.
 
-Measures, for both exporters, in the same run and interleaved in blocks so that the shared
-machine's noise hits both alike:
+One run, on one fake sysfs tree with 32 EFA devices (rankwatch.sim.sysfs, in the kernel's
+formats, plus the Mellanox-style files node_exporter 1.5 needs before it exports anything):
 
-* scrape latency (median, p99) as a Prometheus-like client sees it (keep-alive connection,
-  Prometheus' Accept and Accept-Encoding headers);
-* CPU time of the exporter process per scrape (from /proc/<pid>/stat);
-* CPU used between scrapes: the exporter process idle for --idle-seconds;
-* RSS after every block of scrapes (is it flat?);
-* series per scrape, hence cost per exported series;
-* where rankwatch's time goes (per-collector and render time in-process, and cProfile).
+1. **EFA, like for like**: `rankwatch node-exporter --no-collector.gpu` (the EFA collector
+   alone) against Debian's prometheus-node-exporter with only its infiniband collector, both
+   reading the same tree. node_exporter is scraped twice per block: with Prometheus' headers
+   (it gzips) and without gzip (its collection alone); rankwatch never gzips.
+2. **GPU collector** alone on 8 simulated H100 (`--simulate --no-collector.efa`).
+3. **Full p5 scrape**: 8 simulated GPUs + the 32 EFA devices.
 
-    .venv/bin/python bench/bench_node_exporter.py                 # 10 000 scrapes each
-    .venv/bin/python bench/bench_node_exporter.py --scrapes 1000  # quicker
+Every target is a separate process scraped over HTTP by one keep-alive client, in blocks that
+rotate through the targets, so that the shared machine's load hits all alike. CPU per scrape is
+the exporter process's CPU (all threads, /proc/<pid>/task/*/schedstat) during its blocks; the
+rankwatch/node_exporter ratio is computed per block and its median reported, so a load swing
+during the run moves both sides of each ratio. Then in-process: where rankwatch's time goes
+(EFA read, families, render; cProfile of the EFA collector's read path).
+
+    .venv/bin/python bench/bench_node_exporter.py                  # 2 000 scrapes per target (~5-10 min)
+    .venv/bin/python bench/bench_node_exporter.py --scrapes 300    # quicker
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,18 +46,13 @@ sys.path.insert(0, str(REPO))
 from rankwatch import promserver  # noqa: E402
 from rankwatch.sim.sysfs import FakeEfaSysfs  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMETHEUS_HEADERS = {
-    # what Prometheus 2.42 sends, minus OpenMetrics (neither exporter serves it by default)
+    # what Prometheus sends, minus OpenMetrics (neither exporter serves it by default)
     "Accept": "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
     "Accept-Encoding": "gzip",
     "User-Agent": "Prometheus/2.42.0",
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+NO_GZIP = {**PROMETHEUS_HEADERS, "Accept-Encoding": "identity"}
 
 
 def cpu_ns(pid: int) -> int:
@@ -77,20 +78,20 @@ class Target:
     name: str
     proc: subprocess.Popen
     port: int
+    headers: dict[str, str]
     latencies: list[float] = field(default_factory=list)
-    cpu: float = 0.0
-    scrapes: int = 0
-    rss: list[tuple[int, float]] = field(default_factory=list)
+    block_cpu: list[float] = field(default_factory=list)  # CPU seconds per scrape, per block
     series: int = 0
     body_bytes: int = 0
     wire_bytes: int = 0
+    rss: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
     def scrape(self) -> bytes:
         t0 = time.perf_counter()
-        self.conn.request("GET", "/metrics", headers=PROMETHEUS_HEADERS)
+        self.conn.request("GET", "/metrics", headers=self.headers)
         resp = self.conn.getresponse()
         data = resp.read()
         self.latencies.append(time.perf_counter() - t0)
@@ -102,28 +103,31 @@ class Target:
         return data
 
     def block(self, n: int) -> None:
-        c0 = cpu_seconds(self.proc.pid)
+        c0 = cpu_ns(self.proc.pid)
         for _ in range(n):
             body = self.scrape()
-        self.cpu += cpu_seconds(self.proc.pid) - c0
-        self.scrapes += n
-        self.rss.append((self.scrapes, rss_mb(self.proc.pid)))
+        self.block_cpu.append((cpu_ns(self.proc.pid) - c0) / 1e9 / n)
+        self.rss.append(rss_mb(self.proc.pid))
         self.series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
         self.body_bytes = len(body)
 
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.block_cpu)
 
-def start(args: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    out = open(log, "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    out.close()
+
+def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     promserver.wait_http_ok(f"http://127.0.0.1:{port}/metrics", timeout=60, proc=proc)
     return proc
 
 
-def idle_cpu(targets: list[Target], seconds: float) -> dict[str, float]:
-    before = {t.name: cpu_ns(t.proc.pid) for t in targets}
+def idle_cpu(procs: dict[str, subprocess.Popen], seconds: float) -> dict[str, float]:
+    before = {name: cpu_ns(p.pid) for name, p in procs.items()}
     time.sleep(seconds)
-    return {t.name: (cpu_ns(t.proc.pid) - before[t.name]) / 1e9 for t in targets}
+    return {name: (cpu_ns(p.pid) - before[name]) / 1e9 for name, p in procs.items()}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -131,144 +135,132 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def rss_slope(points: list[tuple[int, float]]) -> float:
-    """MB per 1000 scrapes over the second half of the run (after warm-up), least squares."""
-    half = points[len(points) // 2:]
-    if len(half) < 2:
-        return 0.0
-    xs = [p[0] / 1000 for p in half]
-    ys = [p[1] for p in half]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+def breakdown(sysfs: Path, iterations: int) -> tuple[dict[str, float], str]:
+    """In-process CPU medians of each part of an EFA-only scrape, and a profile of the EFA
+    collector's read path (run in this thread, where cProfile sees it)."""
+    from rankwatch.exporters.efa import EfaCollector
+    from rankwatch.exporters.exposition import Renderer
+    from rankwatch.exporters.node import NodeExporter
 
-
-def breakdown(sysfs: Path, iterations: int) -> tuple[dict[str, tuple[float, float]], str]:
-    """In-process, one part after another: (CPU, wall) medians of each collector and of
-    rendering, and the top of a profile. CPU is process time: nothing else runs meanwhile, so
-    it includes the EFA reader thread's work and is less distorted by a busy machine."""
-    from rankwatch.exporters.exposition import render
-    from rankwatch.sim.node import SimulatedNode
-
-    node = SimulatedNode("bench-node", gpus=8, efa=0, sysfs_root=sysfs)
-    exporter = node.exporter
+    efa = EfaCollector(sysfs)
+    exporter = NodeExporter([efa], "bench-node")
+    renderer = Renderer()
     cpu: dict[str, list[float]] = {}
-    wall: dict[str, list[float]] = {}
 
-    def timed(part: str, fn):  # noqa: ANN001, ANN202
-        c0, w0 = time.process_time(), time.perf_counter()
+    def timed(part: str, fn: Callable[[], object]) -> object:
+        c0 = time.process_time()
         out = fn()
         cpu.setdefault(part, []).append(time.process_time() - c0)
-        wall.setdefault(part, []).append(time.perf_counter() - w0)
         return out
 
     try:
         for _ in range(20):
             exporter.scrape()
+        devices = sorted(d for d, ident in efa._identities.items() if ident is not None)
         for _ in range(iterations):
-            families = []
-            for c in exporter.collectors:
-                families += timed(f"collect {c.name}", lambda c=c: list(c.collect()))
-            timed("render", lambda families=families: render(families))
-            timed("whole scrape (in-process)", exporter.scrape)
+            reads = timed("EFA: read 32 devices (sysfs)", lambda: [efa._read_device(d, efa._identities[d]) for d in devices])
+            families = timed("EFA: build families", lambda reads=reads: efa._families(reads, []))
+            timed("render (text format)", lambda families=families: renderer.render(families))
+            timed("whole EFA-only scrape, in-process (threads included)", exporter.scrape)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(iterations):
-            exporter.scrape()
+            efa._families([efa._read_device(d, efa._identities[d]) for d in devices], [])
         prof.disable()
     finally:
-        node.close()
+        exporter.close()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cpu}, out.getvalue()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(10)
+    return {k: statistics.median(v) for k, v in cpu.items()}, out.getvalue()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scrapes", type=int, default=10_000, help="scrapes of each exporter (default 10000)")
-    parser.add_argument("--block", type=int, default=100, help="scrapes per interleaved block (default 100)")
-    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle window for CPU between scrapes")
-    parser.add_argument("--profile-iterations", type=int, default=200)
+    parser.add_argument("--scrapes", type=int, default=2000, help="scrapes of each target (default: 2000)")
+    parser.add_argument("--block", type=int, default=50, help="scrapes per block (default: 50)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="idle window for CPU between scrapes (default: 10)")
+    parser.add_argument("--profile-iterations", type=int, default=200, help="in-process iterations (default: 200)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rankwatch-bench-"))
     sysfs = work / "sys"
     FakeEfaSysfs(sysfs, devices=32, seed=0, node_exporter_compat=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    rw_port, ne_port = promserver.free_port(), promserver.free_port()
-    rw = start([sys.executable, "-m", "rankwatch", "node-exporter", "--simulate", "--simulate-gpus", "8",
-                "--simulate-efa", "0", "--path.sysfs", str(sysfs), "--web.listen-address", f"127.0.0.1:{rw_port}",
-                "--hostname", "bench-node"], rw_port, work / "rankwatch.log", env)
-    ne = start([promserver.find_binary("node_exporter"), "--collector.disable-defaults", "--collector.infiniband",
-                f"--path.sysfs={sysfs}", f"--web.listen-address=127.0.0.1:{ne_port}"], ne_port,
-               work / "node_exporter.log")
-    targets = [Target("rankwatch", rw, rw_port), Target("node_exporter", ne, ne_port)]
+    ports = {name: promserver.free_port() for name in ("efa", "ne", "gpu", "full")}
+    rw = [sys.executable, "-m", "rankwatch", "node-exporter", "--hostname", "bench-node"]
+    load_start = os.getloadavg()
+    procs = {
+        "efa": start([*rw, "--no-collector.gpu", "--path.sysfs", str(sysfs),
+                      "--web.listen-address", f"127.0.0.1:{ports['efa']}"], ports["efa"], work / "efa.log"),
+        "ne": start([promserver.find_binary("node_exporter"), "--collector.disable-defaults", "--collector.infiniband",
+                     f"--path.sysfs={sysfs}", f"--web.listen-address=127.0.0.1:{ports['ne']}"], ports["ne"],
+                    work / "node_exporter.log"),
+        "gpu": start([*rw, "--simulate", "--simulate-gpus", "8", "--no-collector.efa",
+                      "--web.listen-address", f"127.0.0.1:{ports['gpu']}"], ports["gpu"], work / "gpu.log"),
+        "full": start([*rw, "--simulate", "--simulate-gpus", "8", "--simulate-efa", "0", "--path.sysfs", str(sysfs),
+                       "--web.listen-address", f"127.0.0.1:{ports['full']}"], ports["full"], work / "full.log"),
+    }
+    efa = Target("rankwatch, EFA collector alone", procs["efa"], ports["efa"], PROMETHEUS_HEADERS)
+    ne = Target("node_exporter 1.5, infiniband alone (gzip)", procs["ne"], ports["ne"], PROMETHEUS_HEADERS)
+    ne_plain = Target("node_exporter 1.5, infiniband alone (no gzip)", procs["ne"], ports["ne"], NO_GZIP)
+    gpu = Target("rankwatch, GPU collector alone (8 simulated H100)", procs["gpu"], ports["gpu"], PROMETHEUS_HEADERS)
+    full = Target("rankwatch, full p5 (8 GPUs + 32 EFA)", procs["full"], ports["full"], PROMETHEUS_HEADERS)
+    targets = [efa, ne, ne_plain, gpu, full]
+    ratios: list[float] = []
+    ratios_plain: list[float] = []
     try:
         for t in targets:  # warm-up, not counted
             for _ in range(20):
                 t.scrape()
             t.latencies.clear()
-        idle = idle_cpu(targets, args.idle_seconds)
-        start_rss = {t.name: rss_mb(t.proc.pid) for t in targets}
+        idle = idle_cpu(procs, args.idle_seconds)
         t_start = time.monotonic()
         done = 0
         while done < args.scrapes:
             n = min(args.block, args.scrapes - done)
             for t in targets:
                 t.block(n)
+            ratios.append(efa.block_cpu[-1] / ne.block_cpu[-1])
+            ratios_plain.append(efa.block_cpu[-1] / ne_plain.block_cpu[-1])
             done += n
-            if done % 1000 == 0 or done == args.scrapes:
-                print(f"  {done}/{args.scrapes} scrapes each ({time.monotonic() - t_start:.0f} s)",
-                      file=sys.stderr, flush=True)
-        idle_after = idle_cpu(targets, args.idle_seconds)
+            if done % 500 == 0 or done == args.scrapes:
+                print(f"  {done}/{args.scrapes} scrapes per target ({time.monotonic() - t_start:.0f} s, "
+                      f"load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        load_end = os.getloadavg()
     finally:
-        for t in targets:
-            t.proc.terminate()
-            t.proc.wait(timeout=30)
+        for p in procs.values():
+            p.terminate()
+            p.wait(timeout=30)
     try:
         parts, profile = breakdown(sysfs, args.profile_iterations)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = []
+    print()
+    print(f"{args.scrapes} scrapes per target in blocks of {args.block}, one keep-alive client, sequential; "
+          f"{os.cpu_count()} CPUs; load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end")
+    print()
+    print("| target | series | body / on the wire (bytes) | CPU per scrape (ms, median of blocks) "
+          "| latency median / p99 (ms) | RSS end (MB) |")
+    print("|---|---|---|---|---|---|")
     for t in targets:
-        med, p99 = statistics.median(t.latencies), pct(t.latencies, 0.99)
-        cpu = t.cpu / t.scrapes
-        rows.append((t, med, p99, cpu))
+        print(f"| {t.name} | {t.series} | {t.body_bytes:,} / {t.wire_bytes:,} | {t.cpu * 1e3:.2f} "
+              f"| {statistics.median(t.latencies) * 1e3:.2f} / {pct(t.latencies, 0.99) * 1e3:.2f} | {t.rss[-1]:.1f} |")
     print()
-    print(f"rankwatch node-exporter vs prometheus-node-exporter 1.5 (infiniband), {args.scrapes} scrapes each,")
-    print(f"sequential, keep-alive, Prometheus headers; 32 fake EFA devices (+8 simulated GPUs for rankwatch); "
-          f"{os.cpu_count()} CPUs; load average at end {os.getloadavg()[0]:.1f}")
+    med = statistics.median(ratios)
+    med_plain = statistics.median(ratios_plain)
+    print(f"EFA scrape CPU, rankwatch / node_exporter, median of {len(ratios)} per-block ratios: "
+          f"**{med:.2f}** against node_exporter with gzip (p10-p90 {pct(ratios, 0.1):.2f}-{pct(ratios, 0.9):.2f}), "
+          f"{med_plain:.2f} against node_exporter without gzip "
+          f"(p10-p90 {pct(ratios_plain, 0.1):.2f}-{pct(ratios_plain, 0.9):.2f}); target <= 1.")
+    print(f"CPU per exported series: rankwatch EFA {efa.cpu * 1e6 / efa.series:.2f} us, "
+          f"node_exporter {ne.cpu * 1e6 / ne.series:.2f} us (gzip), {ne_plain.cpu * 1e6 / ne_plain.series:.2f} us (no gzip)")
+    print(f"CPU while idle for {args.idle_seconds:g} s: " +
+          ", ".join(f"{name} {cpu * 1e3:.1f} ms" for name, cpu in idle.items()))
     print()
-    print("| | rankwatch | node_exporter |")
-    print("|---|---|---|")
-
-    def row(label: str, fmt: str, values: list[float]) -> None:
-        print(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + " |")
-
-    row("series per scrape", "{:.0f}", [t.series for t, *_ in rows])
-    row("body (bytes, uncompressed)", "{:.0f}", [t.body_bytes for t, *_ in rows])
-    row("on the wire (bytes)", "{:.0f}", [t.wire_bytes for t, *_ in rows])
-    row("scrape latency median (ms)", "{:.2f}", [m * 1e3 for _, m, _, _ in rows])
-    row("scrape latency p99 (ms)", "{:.2f}", [p * 1e3 for _, _, p, _ in rows])
-    row("CPU per scrape (ms)", "{:.2f}", [c * 1e3 for *_, c in rows])
-    row("latency per series (µs)", "{:.2f}", [m * 1e6 / t.series for t, m, _, _ in rows])
-    row("CPU per series (µs)", "{:.2f}", [c * 1e6 / t.series for t, *_, c in rows])
-    row(f"CPU idle {args.idle_seconds:g} s before the run (ms)", "{:.1f}", [idle[t.name] * 1e3 for t, *_ in rows])
-    row(f"CPU idle {args.idle_seconds:g} s after the run (ms)", "{:.1f}",
-        [idle_after[t.name] * 1e3 for t, *_ in rows])
-    row("RSS after warm-up (MB)", "{:.1f}", [start_rss[t.name] for t, *_ in rows])
-    row("RSS at the end (MB)", "{:.1f}", [t.rss[-1][1] for t, *_ in rows])
-    row("RSS max (MB)", "{:.1f}", [max(r for _, r in t.rss) for t, *_ in rows])
-    row("RSS slope, 2nd half (MB / 1000 scrapes)", "{:+.3f}", [rss_slope(t.rss) for t, *_ in rows])
-    print()
-    rss = targets[0].rss
-    marks = [p for p in rss if p[0] % max(1, args.scrapes // 10) == 0] or rss
-    print("rankwatch RSS (MB) by scrape: " + ", ".join(f"{n}: {r:.1f}" for n, r in marks))
-    print()
-    print(f"Where rankwatch's time goes (in-process, median of {args.profile_iterations}):")
-    for name, (c, w) in parts.items():
-        print(f"  {name}: CPU {c * 1e3:.2f} ms, wall {w * 1e3:.2f} ms")
+    print(f"Where rankwatch's EFA-only scrape goes (in-process CPU, median of {args.profile_iterations}):")
+    for name, c in parts.items():
+        print(f"  {name}: {c * 1e3:.2f} ms")
     print()
     print(profile)
     return 0

@@ -59,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from rankwatch.secrets import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # no loaded secret reaches stderr, whoever logs it
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,15 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+@pytest.fixture
+def slack() -> Iterator[Any]:
+    """The local Slack Web API + webhook server (rankwatch.sim.slack), started for one test."""
+    from rankwatch.sim.slack import SlackServer
+
+    server = SlackServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -111,13 +111,6 @@ def am_received(url: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def slack() -> SlackServer:
-    server = SlackServer().start()
-    yield server
-    server.stop()
-
-
 def test_replayed_straggler_reaches_slack_wandb_and_alertmanager_once(
         tmp_path: Path, replay: Path, slack: SlackServer, subprocess_env: dict[str, str]) -> None:
     am = promserver.start_alertmanager("route: {receiver: x, group_wait: 1h}\nreceivers: [{name: x}]\n",

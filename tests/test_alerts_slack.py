@@ -6,11 +6,9 @@ from __future__ import annotations
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from slack_sdk.models.blocks import Block
 
 from rankwatch.alerts import AlertSink, load_alerting_config
@@ -28,15 +26,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackServer]:
-    server = SlackServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ev(rank: int | None, state: str = "firing", t: float = T0, run: str = "r1", kind: str = "straggler",

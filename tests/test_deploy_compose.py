@@ -68,8 +68,21 @@ def semantic_errors(compose: dict[str, Any], root: Path) -> list[str]:
                     errors.append(f"{name}: bind mount source {source} missing")
             elif source not in volumes:
                 errors.append(f"{name}: named volume {source} not declared")
+        mounted = {(s if isinstance(s, str) else s.get("source")): (s if isinstance(s, str) else s.get("target") or s["source"])
+                   for s in svc.get("secrets") or []}
+        for secret in mounted:
+            if secret not in (compose.get("secrets") or {}):
+                errors.append(f"{name}: secret {secret} not declared")
         for key, value in (svc.get("environment") or {}).items():
-            if re.search(r"PASSWORD|TOKEN|SECRET|API_KEY", key) and not re.fullmatch(r"\$\{\w+(:\?.+)?\}", str(value)):
+            if key.endswith("_FILE"):
+                # <VAR>_FILE names a mounted secret (the Docker secrets convention).
+                targets = {f"/run/secrets/{t}" if not t.startswith("/") else t for t in mounted.values()}
+                if str(value) not in targets:
+                    errors.append(f"{name}: {key}={value} is not a secret mounted in this service")
+            elif re.search(r"WEBHOOK|PASSWORD|TOKEN|SECRET|API_KEY", key) and not key.startswith("GF_"):
+                errors.append(f"{name}: {key} is a secret: pass it as a compose secret and <VAR>_FILE, "
+                              "not as an environment variable")
+            elif re.search(r"PASSWORD|TOKEN|SECRET", key) and not re.fullmatch(r"\$\{\w+(:\?.+)?\}", str(value)):
                 errors.append(f"{name}: {key} must come from the env file with no default (${{VAR:?…}})")
     return errors
 
@@ -99,11 +112,37 @@ def test_every_reference_resolves() -> None:
     (lambda c: c["services"]["grafana"]["volumes"].append("./dashboardz:/x:ro"), "dashboardz missing"),
     (lambda c: c["services"]["grafana"]["environment"].update(GF_SECURITY_ADMIN_PASSWORD="admin"), "no default"),
     (lambda c: c["services"]["sim-job"]["build"].update(target="trian"), "build target trian"),
+    # What the detector got before: the Slack webhook as a plain environment variable.
+    (lambda c: c["services"]["detector"].update(environment={"SLACK_WEBHOOK_URL": "${SLACK_WEBHOOK_URL:-}"}),
+     "SLACK_WEBHOOK_URL is a secret"),
+    (lambda c: c["services"]["detector"].update(secrets=[]), "not a secret mounted"),
 ])
 def test_semantic_check_catches_mistakes(mutate, expected: str) -> None:
     compose = copy.deepcopy(_compose())
     mutate(compose)
     assert any(expected in e for e in semantic_errors(compose, REPO))
+
+
+def test_slack_webhook_reaches_detector_and_alertmanager_only_as_a_secret(tmp_path: Path) -> None:
+    from rankwatch.alerts.config import load_alerting_config
+
+    compose = _compose()
+    declared = compose["secrets"]["slack_webhook_url"]
+    assert declared == {"environment": "SLACK_WEBHOOK_URL"}
+    for name in ("detector", "alertmanager"):
+        svc = compose["services"][name]
+        assert not any("WEBHOOK" in k and not k.endswith("_FILE") for k in svc.get("environment") or {})
+        assert any((s if isinstance(s, str) else s["source"]) == "slack_webhook_url" for s in svc["secrets"])
+    # The detector reads the mounted file through SLACK_WEBHOOK_URL_FILE; an empty secret (no
+    # Slack in .env) means "Slack off", not an error that stops the detector.
+    path = compose["services"]["detector"]["environment"]["SLACK_WEBHOOK_URL_FILE"]
+    assert path == "/run/secrets/slack_webhook_url"
+    secret = tmp_path / "slack_webhook_url"
+    secret.write_text("https://hooks.slack.com/services/T0/B0/compose-secret\n")
+    cfg = load_alerting_config({}, environ={"SLACK_WEBHOOK_URL_FILE": str(secret)})
+    assert cfg.slack is not None and cfg.slack.webhook_url == "https://hooks.slack.com/services/T0/B0/compose-secret"
+    secret.write_text("")
+    assert load_alerting_config({}, environ={"SLACK_WEBHOOK_URL_FILE": str(secret)}).slack is None
 
 
 def test_grafana_password_has_no_default_and_env_example_is_blank() -> None:
@@ -179,3 +218,15 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
         ["training-run.json", "gpu-health.json", "efa-network.json", "node.json"])
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (REPO / dash_src / Path(home).relative_to(provider["options"]["path"])).is_file()
+
+
+def test_detector_listens_where_the_compose_prometheus_scrapes_it() -> None:
+    """The detector defaults to 127.0.0.1; in compose, Prometheus is another container, so the
+    service passes the address it needs (and publishes no port to the host)."""
+    detector = _compose()["services"]["detector"]
+    cmd = detector["command"]
+    assert cmd[cmd.index("--listen") + 1] == "0.0.0.0:9415"
+    assert not detector.get("ports")
+    prom = yaml.safe_load((REPO / "deploy" / "compose" / "prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "rankwatch-detector")
+    assert job["static_configs"][0]["targets"] == ["detector:9415"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,3 +170,60 @@ def test_shell_scripts_parse() -> None:
     for script in (SLURM / "prolog.sh", SLURM / "epilog.sh", SLURM / "hyperpod" / "install-rankwatch.sh"):
         res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, f"{script}: {res.stderr}"
+
+
+def test_tmpfiles_creates_the_mapping_directory_the_unit_and_prolog_use(tmp_path: Path) -> None:
+    """/run is a tmpfs: the directory must exist at every boot, before any job's prolog. The
+    shipped tmpfiles.d line, applied by the real systemd-tmpfiles under a scratch root, creates
+    exactly the directory that the unit passes and prolog.sh writes, root-owned, mode 0755."""
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    if tmpfiles is None:
+        pytest.skip("systemd-tmpfiles not installed")
+    conf = SLURM / "rankwatch.tmpfiles.conf"
+    res = subprocess.run([tmpfiles, f"--root={tmp_path}", "--create", str(conf)], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    argv = shlex.split(_unit("rankwatch-node-exporter.service")["Service"]["ExecStart"][0])
+    mapping = argv[argv.index("--job-mapping-dir") + 1]
+    created = tmp_path / mapping.lstrip("/")
+    assert created.is_dir()
+    st = created.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o755, 0)
+    install = (SLURM / "hyperpod" / "install-rankwatch.sh").read_text()
+    assert '"$DEPLOY/rankwatch.tmpfiles.conf" /etc/tmpfiles.d/rankwatch.conf' in install
+    assert "systemd-tmpfiles --create /etc/tmpfiles.d/rankwatch.conf" in install
+
+
+@pytest.mark.slow
+def test_the_unit_command_serves_before_the_first_job(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    """The unit's own ExecStart on a node that has run no job yet (no mapping directory):
+    the exporter serves instead of exiting, which made Restart=always loop."""
+    argv = shlex.split(_unit("rankwatch-node-exporter.service")["Service"]["ExecStart"][0])
+    missing = tmp_path / "run" / "rankwatch" / "job-mapping"
+    argv[argv.index("--job-mapping-dir") + 1] = str(missing)
+    port = promserver.free_port()
+    argv[argv.index("--web.listen-address") + 1] = f"127.0.0.1:{port}"
+    # no NVIDIA driver here: simulated GPUs, the committed fixture sysfs tree
+    cmd = [sys.executable, "-m", "rankwatch", *argv[1:], "--simulate", "--simulate-gpus", "1", "--simulate-efa", "0",
+           "--path.sysfs", str(REPO / "tests" / "fixtures" / "sysfs")]
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env)
+    try:
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert 'rankwatch_exporter_collector_success{collector="gpu"} 1' in text
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=20)
+    assert code == 0, log.read_text()
+
+
+def test_detector_unit_listens_where_its_prometheus_scrapes() -> None:
+    argv = shlex.split(_unit("rankwatch-detector.service")["Service"]["ExecStart"][0])
+    listen = argv[argv.index("--listen") + 1]
+    assert listen == "127.0.0.1:9415", "the detector beside Prometheus needs loopback only"
+    cfg = yaml.safe_load((SLURM / "prometheus-amp.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "rankwatch-detector")
+    assert job["static_configs"][0]["targets"] == [listen]

@@ -29,6 +29,14 @@ OK_VECTOR = {"status": "success", "data": {"resultType": "vector", "result": [
     {"metric": {"__name__": "up", "instance": "b:1"}, "value": [1700000000, "NaN"]}]}}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Keeps a client's aborted connection (a refused TLS handshake, a client that gave up) off
+    stderr, where it would land in the captured output of the CLI under test."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 class FakePrometheus:
     """A loopback HTTP(S) server answering with ``respond(request) -> (status, body bytes)`` (or
     ``(status, body, {extra headers})``) and recording every request (method, path, headers,
@@ -61,7 +69,7 @@ class FakePrometheus:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         scheme = "http"
         if tls is not None:

@@ -217,7 +217,9 @@ def test_new_and_removed_files_and_devices_are_seen(sim: FakeEfaSysfs, tmp_path:
 def test_no_infiniband_class_means_no_series_not_an_error(tmp_path: Path) -> None:
     c = EfaCollector(tmp_path)
     try:
-        assert [f.name for f in c.collect()] == ["rankwatch_efa_open_files"]
+        families = c.collect()
+        assert [f.name for f in families] == ["rankwatch_efa_open_files", "rankwatch_efa_invalid_device_names"]
+        assert families[1].samples[0].value == 0
     finally:
         c.close()
 

@@ -220,12 +220,48 @@ def test_simulated_node_removes_its_temporary_tree() -> None:
 @pytest.mark.parametrize("args,message", [
     (["--web.listen-address", "localhost"], "--web.listen-address 'localhost': expected HOST:PORT"),
     (["--no-collector.gpu", "--no-collector.efa"], "every collector is disabled"),
-    (["--collector.efa.timeout", "0"], "--collector.efa.timeout must be > 0"),
-    (["--job-mapping-dir", "/nonexistent/dir"], "--job-mapping-dir /nonexistent/dir: not a directory"),
+    (["--collector.efa.timeout", "0"], "--collector.efa.timeout must be a finite number of seconds > 0, got 0"),
+    (["--collector.timeout", "nan"], "--collector.timeout must be a finite number of seconds > 0, got nan"),
+    (["--collector.efa.timeout", "inf"], "--collector.efa.timeout must be a finite number of seconds > 0, got inf"),
+    (["--collector.timeout", "-1"], "--collector.timeout must be a finite number of seconds > 0, got -1"),
+    (["--job-mapping-dir", "/etc/hostname"], "--job-mapping-dir /etc/hostname: exists but is not a directory"),
+    (["--web.listen-address", "127.0.0.1:65536"], "--web.listen-address '127.0.0.1:65536': expected HOST:PORT"),
+    (["--web.listen-address", "127.0.0.1:٩٤١٠"], "--web.listen-address '127.0.0.1:٩٤١٠': expected HOST:PORT"),
 ])
 def test_cli_rejects_bad_flags_without_traceback(args: list[str], message: str, capsys) -> None:
     assert main(["node-exporter", *args]) == 2
-    assert f"rankwatch: error: {message}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"rankwatch: error: {message}" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_missing_job_mapping_dir_is_no_job_yet(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """As the Slurm unit starts it after a reboot: /run/rankwatch/job-mapping does not exist
+    until the first job's prolog. The exporter serves, says so once, and labels the GPUs with
+    the job as soon as the prolog has written the mapping."""
+    mapping = tmp_path / "run" / "job-mapping"
+    port = promserver.free_port()
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rankwatch", "node-exporter", "--simulate",
+                                 "--simulate-gpus", "2", "--simulate-efa", "1", "--job-mapping-dir", str(mapping),
+                                 "--web.listen-address", f"127.0.0.1:{port}"],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env)
+    try:
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert 'collector="gpu"} 1' in text and "hpc_job" not in text
+        mapping.mkdir(parents=True)  # what prolog.sh does for job 4242 on GPU 1
+        (mapping / "1").write_text("4242\n")
+        temp = [line for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
+                if line.startswith("DCGM_FI_DEV_GPU_TEMP{")]
+        assert [('hpc_job="4242"' in line) for line in temp] == [False, True]
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=20)
+    assert code == 0, log.read_text()
+    assert f"HPC job mapping directory {mapping} does not exist yet" in log.read_text()
 
 
 def test_cli_port_in_use(capsys) -> None:
@@ -281,3 +317,11 @@ def test_renderer_label_cache_stays_bounded_and_correct() -> None:
         fam.add_metric([f"j{job}", 'a"b'], float(job))
         assert renderer.render([fam]).decode().splitlines()[-1] == f'rw_test{{job="j{job}",quote="a\\"b"}} {job}.0'
         assert len(renderer._labels) <= 10
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_library_timeouts_must_be_finite_and_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        EfaCollector(SYSFS, timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        NodeExporter([FailingCollector()], "node-x", collector_timeout=timeout)

@@ -5,7 +5,11 @@ One alert per episode, identified by its labels (alertname from the kind, run, r
 nic, severity, episode). Firing alerts carry ``startsAt`` and an ``endsAt`` a few resend
 intervals ahead and are re-posted every ``resend_interval_s`` (as Prometheus does), so
 Alertmanager resolves them by itself if the detector dies; a resolved episode is posted once
-more with ``endsAt`` = the time it resolved. Posting the same alert again is idempotent."""
+more with ``endsAt`` = the time it resolved. Posting the same alert again is idempotent.
+
+A 4xx answer other than 408 and 429 (Alertmanager refuses the alert itself) is permanent: the
+notification is reported once with Alertmanager's text and dropped, so the episode's resolved
+notification and everything after it still go out; other failures are retried."""
 
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ from typing import Any
 import requests
 
 from rankwatch.alerts.config import AlertmanagerConfig, LinksConfig
-from rankwatch.alerts.delivery import DeliveryError
+from rankwatch.alerts.delivery import DeliveryError, is_permanent_status
 from rankwatch.alerts.lifecycle import EpisodeView
 from rankwatch.alerts.links import alert_name
 from rankwatch.alerts.links import render as render_link
 from rankwatch.alerts.render import episode_description, kind_label, short_where
+from rankwatch.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,13 @@ class AlertmanagerNotifier:
         except requests.RequestException as exc:
             raise DeliveryError(f"Alertmanager unreachable: {type(exc).__name__}") from None
         if r.status_code != 200:
-            raise DeliveryError(f"Alertmanager answered HTTP {r.status_code}: {r.text[:200]}")
+            retry_after = None
+            try:
+                retry_after = float(r.headers["Retry-After"]) if "Retry-After" in r.headers else None
+            except ValueError:
+                pass
+            raise DeliveryError(f"Alertmanager answered HTTP {r.status_code}: {redact(r.text.strip())[:300]}",
+                                retry_after, permanent=is_permanent_status(r.status_code))
 
     def deliver(self, action: str, ep: EpisodeView, prior: dict[str, Any] | None, key: str) -> dict[str, Any]:
         self._post([alert_for(ep, self.links, now=time.time(), ends_in_s=4 * self.cfg.resend_interval_s,

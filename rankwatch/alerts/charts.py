@@ -53,7 +53,9 @@ def render_compute_chart(data: ComputeSeries, *, title: str, culprit_label: str 
     if data.onset is not None:
         ax.axvline(np.datetime64(int(data.onset), "s"), color="#636363", linestyle="--", linewidth=1, label="episode start")
     ax.set_ylabel("compute s / step")
-    ax.set_title(title, fontsize=11)
+    # The title holds the run label: "$" in it must be text, not matplotlib mathtext (a lone "$"
+    # made savefig raise, so the chart was lost).
+    ax.set_title(title, fontsize=11, parse_math=False)
     ax.grid(True, alpha=0.3)
     ax.xaxis.set_major_formatter(DateFormatter("%H:%M"))
     ax.set_xlabel("UTC")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import tempfile
 import time
@@ -44,8 +45,9 @@ def register(subparsers: Any) -> None:
 
     o = sub.add_parser("outbox", help="list the notifications in a detector's outbox")
     o.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="the detector's --state-dir")
-    o.add_argument("--status", choices=["pending", "sending", "delivered", "skipped"],
-                   help="list only the notifications in this state (default: all)")
+    o.add_argument("--status", choices=["pending", "sending", "delivered", "skipped", "failed"],
+                   help="list only the notifications in this state; failed: refused by the target for good "
+                        "(default: all)")
     o.set_defaults(func=_outbox)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -167,6 +169,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _send_test(args: argparse.Namespace) -> int:
     from rankwatch.alerts import AlertSink, load_alerting_config
+    from rankwatch.secrets import redact
 
     cfg = load_alerting_config(_load_toml(args.config), source=str(args.config))
     if not cfg.any_target:
@@ -174,7 +177,8 @@ def _send_test(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="rankwatch-alerts-test-") as tmp:
-        sink = AlertSink(cfg, state_dir=Path(tmp), start_thread=False)
+        sink = AlertSink(cfg, state_dir=Path(tmp), start_thread=False, require_outbox=True, ephemeral=True)
+        assert sink.outbox is not None and sink.lifecycle is not None
         try:
             for event in sample_events(args.run):
                 sink.publish([event])
@@ -184,6 +188,7 @@ def _send_test(args: argparse.Namespace) -> int:
                 deadline = time.monotonic() + 15
                 while time.monotonic() < deadline:
                     sink.deliver_due()
+                    assert sink.outbox is not None
                     pending = sink.outbox.rows(status="pending")
                     if not pending or any(r.last_error for r in pending):
                         break
@@ -195,36 +200,74 @@ def _send_test(args: argparse.Namespace) -> int:
             sink.cfg = replace(sink.cfg, notify=replace(sink.cfg.notify, close_timeout_s=0))
             sink.close()
     for r in rows:
-        state = "ok" if r.status in ("delivered", "skipped") else f"FAILED: {r.last_error}"
+        state = "ok" if r.status in ("delivered", "skipped") else f"FAILED: {redact(r.last_error or r.status)}"
         print(f"{r.target:13s} {r.action:9s} {state}")
     return 0 if rows and all(r.status in ("delivered", "skipped") for r in rows) else 1
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from rankwatch.alerts import AlertSink, load_alerting_config
+    from rankwatch.alerts import OUTBOX_FILE, AlertSink, load_alerting_config
+    from rankwatch.alerts.outbox import OutboxUnavailable
+    from rankwatch.errors import InputError, RankwatchError
 
     cfg = load_alerting_config(_load_toml(args.config), source=str(args.config))
-    sink = AlertSink(cfg, state_dir=args.state_dir, start_thread=False)
-    sink.lifecycle.release_held()
-    left = sink.flush(timeout=args.timeout)
-    counts = sink.outbox.counts()
-    sink.close()
+    if not (args.state_dir / OUTBOX_FILE).exists():
+        raise InputError(f"{args.state_dir / OUTBOX_FILE}: no outbox here (is --state-dir the detector's state directory?)")
+    try:
+        sink = AlertSink(cfg, state_dir=args.state_dir, start_thread=False, require_outbox=True)
+    except OutboxUnavailable as exc:
+        raise RankwatchError(f"cannot open the outbox: {exc}") from None
+    assert sink.outbox is not None and sink.lifecycle is not None
+    # Rows for a target that is not configured here can never be sent by this command: say so.
+    stuck = {r.target: 0 for r in sink.outbox.rows(status="pending") if r.target not in sink.targets}
+    for r in sink.outbox.rows(status="pending"):
+        if r.target in stuck:
+            stuck[r.target] += 1
+    for target, n in sorted(stuck.items()):
+        print(f"rankwatch: {n} pending {target} notification(s) cannot be delivered: {_not_configured(target)}",
+              file=sys.stderr)
+    if not sink.targets and not stuck:
+        print("rankwatch: no notification target is configured (set SLACK_BOT_TOKEN / SLACK_WEBHOOK_URL, "
+              "[wandb] or [alertmanager]): nothing can be delivered", file=sys.stderr)
+    try:
+        sink.lifecycle.release_held()
+        left = sink.flush(timeout=args.timeout) if sink.targets else sink.outbox.counts().get("pending", 0)
+        counts = sink.outbox.counts()
+    except sqlite3.OperationalError as exc:  # another process took the lock meanwhile
+        raise RankwatchError(f"{sink.outbox.path}: {exc}; nothing more delivered") from None
+    finally:
+        sink.close()
     print(json.dumps(counts, sort_keys=True))
-    return 1 if left else 0
+    if not sink.targets:
+        return 2
+    return 1 if left or stuck else 0
+
+
+def _not_configured(target: str) -> str:
+    return {
+        "slack": "Slack is not configured here (no SLACK_BOT_TOKEN / SLACK_WEBHOOK_URL in the environment, "
+                 "no [slack] bot_token_file / webhook_url_file in the config)",
+        "wandb": "there is no [wandb] table in the config",
+        "alertmanager": "there is no [alertmanager] table in the config",
+    }.get(target, f"{target} is not configured")
 
 
 def _outbox(args: argparse.Namespace) -> int:
     from rankwatch.alerts import OUTBOX_FILE
-    from rankwatch.alerts.outbox import Outbox
+    from rankwatch.alerts.outbox import Outbox, OutboxUnavailable
     from rankwatch.errors import InputError
 
     path = args.state_dir / OUTBOX_FILE
     if not path.exists():
         raise InputError(f"{path}: no outbox here (is --state-dir the detector's state directory?)")
-    ob = Outbox(path)
+    try:
+        ob = Outbox(path)
+    except OutboxUnavailable as exc:
+        raise InputError(f"cannot open the outbox: {exc}") from None
     for r in ob.rows(status=args.status):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.delivered_wall or r.created_wall))
         print(f"{r.id:6d} {when} {r.status:9s} {r.target:13s} {r.action:9s} attempts={r.attempts} {r.key}"
-              + (f"  last_error={r.last_error}" if r.last_error and r.status != "delivered" else ""))
+              + (f"  last_error={r.last_error}" if r.last_error and r.status != "delivered" else "")
+              + ("  (may have arrived: checked before the next attempt)" if r.unsure and r.status == "pending" else ""))
     ob.close()
     return 0

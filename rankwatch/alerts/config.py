@@ -2,18 +2,21 @@
 detector's TOML file, validated into frozen dataclasses.
 
 Secrets never live in the TOML file: the Slack webhook URL and bot token are read from the
-environment (``SLACK_WEBHOOK_URL``, ``SLACK_BOT_TOKEN`` by default) or from a file whose path the
-config names. They are kept out of ``repr`` so a logged config never shows them."""
+environment (``SLACK_WEBHOOK_URL``, ``SLACK_BOT_TOKEN`` by default), from a file whose path the
+config names, or from the file named by ``<VARIABLE>_FILE`` (Docker secrets), always through
+``rankwatch.secrets`` (one printable line, registered for redaction). They are kept out of ``repr`` so a logged config never shows them."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from rankwatch.errors import ConfigError
+from rankwatch.secrets import SecretError, read_secret_file, secret_from_env
 
 SEVERITIES = ("info", "warning", "critical")
 KINDS = ("straggler", "gpu_fault", "network", "hang", "throughput_drop", "data_gap")
@@ -123,13 +126,22 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], name: str, source: 
             raise ConfigError(f"{source}: {name}.{key}: unknown key{hint}; allowed: {', '.join(sorted(allowed))}")
 
 
+# Longest duration any [notify]/[slack]/[alertmanager] setting may have: beyond this a value is a
+# typo (1e308 overflowed the delivery thread's wait), not a policy.
+MAX_SECONDS = 30 * 86400.0
+
+
 def _num(table: Mapping[str, Any], key: str, default: float, name: str, source: str, *,
-         minimum: float = 0.0, integer: bool = False, allow_zero: bool = True) -> Any:
+         minimum: float = 0.0, maximum: float = MAX_SECONDS, integer: bool = False, allow_zero: bool = True) -> Any:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{source}: {name}.{key}: must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {name}.{key}: must be a finite number, got {value!r}")
     if value < minimum or (not allow_zero and value == 0):
         raise ConfigError(f"{source}: {name}.{key}: must be {'>' if not allow_zero else '>='} {minimum}, got {value!r}")
+    if value > maximum:
+        raise ConfigError(f"{source}: {name}.{key}: must be at most {maximum:g}, got {value!r}")
     if integer:
         if isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{source}: {name}.{key}: must be a whole number, got {value!r}")
@@ -153,19 +165,23 @@ def _bool(table: Mapping[str, Any], key: str, default: bool, name: str, source: 
 
 def _secret(table: Mapping[str, Any], env_key: str, file_key: str, default_env: str, name: str, source: str,
             environ: Mapping[str, str]) -> str | None:
-    """The secret from the file named by ``file_key`` or else the environment variable."""
+    """The secret from the file named by ``file_key``, else the environment variable (``env_key``,
+    default ``default_env``), else the file named by that variable + ``_FILE`` (the Docker
+    secrets convention; an empty file there means "not configured", like an empty variable)."""
     path = _str(table, file_key, None, name, source)
-    if path is not None:
-        try:
-            text = Path(path).expanduser().read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{source}: {name}.{file_key}: cannot read {path}: {exc.strerror}") from None
-        if not text:
-            raise ConfigError(f"{source}: {name}.{file_key}: {path} is empty")
-        return text
-    env_name = _str(table, env_key, default_env, name, source)
-    value = environ.get(str(env_name), "").strip()
-    return value or None
+    env_name = str(_str(table, env_key, default_env, name, source))
+    try:
+        if path is not None:
+            return read_secret_file(path, what=f"{name}.{file_key}")
+        value = secret_from_env(env_name, environ, what=f"{name}.{env_key}")
+        if value:
+            return value
+        file_env = environ.get(env_name + "_FILE", "").strip()
+        if file_env:
+            return read_secret_file(file_env, what=f"{env_name}_FILE", allow_empty=True) or None
+    except SecretError as exc:
+        raise SecretError(f"{source}: {exc}") from None
+    return None
 
 
 def _slack(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> SlackConfig | None:
@@ -176,14 +192,19 @@ def _slack(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> S
     # Validate every value even when Slack ends up off, so a typo shows at the first start.
     enabled = _bool(t, "enabled", True, "slack", source)
     channel = _str(t, "channel", None, "slack", source)
+    if channel is not None and not re.fullmatch(r"#?[\w.-]{1,80}", channel):
+        raise ConfigError(f"{source}: slack.channel: expected a channel ID such as C0123ABCD, got {channel!r}")
     api_url = _str(t, "api_url", "https://slack.com/api/", "slack", source) or ""
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", api_url):
+        raise ConfigError(f"{source}: slack.api_url: expected an http(s) URL such as https://slack.com/api/, "
+                          f"got {api_url!r}")
     if not api_url.endswith("/"):
         api_url += "/"
     values = dict(
         channel=channel,
         api_url=api_url,
         timeout_s=_num(t, "timeout_s", 10.0, "slack", source, allow_zero=False),
-        max_retries=_num(t, "max_retries", 3, "slack", source, integer=True),
+        max_retries=_num(t, "max_retries", 3, "slack", source, integer=True, maximum=20),
         chart=_bool(t, "chart", True, "slack", source),
         chart_window_s=_num(t, "chart_window_s", 3600.0, "slack", source, allow_zero=False),
     )
@@ -255,10 +276,15 @@ def _notify(doc: Mapping[str, Any], source: str) -> NotifyConfig:
     kinds = t.get("kinds", list(d.kinds))
     if not isinstance(kinds, list) or not all(isinstance(k, str) and k for k in kinds):
         raise ConfigError(f"{source}: notify.kinds: must be a list of event kinds, got {kinds!r}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        # A typo here would silence that kind of alert for good.
+        raise ConfigError(f"{source}: notify.kinds: unknown kind {unknown[0]!r}; known: {', '.join(KINDS)}")
     return NotifyConfig(
         group_window_s=_num(t, "group_window_s", d.group_window_s, "notify", source),
         group_wait_s=_num(t, "group_wait_s", d.group_wait_s, "notify", source),
-        max_per_minute=_num(t, "max_per_minute", d.max_per_minute, "notify", source, integer=True, allow_zero=False),
+        max_per_minute=_num(t, "max_per_minute", d.max_per_minute, "notify", source, integer=True, allow_zero=False,
+                            maximum=10_000),
         min_interval_s=_num(t, "min_interval_s", d.min_interval_s, "notify", source),
         renotify_interval_s=_num(t, "renotify_interval_s", d.renotify_interval_s, "notify", source),
         retry_interval_s=_num(t, "retry_interval_s", d.retry_interval_s, "notify", source, allow_zero=False),

@@ -189,11 +189,13 @@ class Lifecycle:
     # -- time passes --------------------------------------------------------------------------
 
     def release_held(self) -> None:
-        """Stop holding firings for group_wait (used when the process is about to exit)."""
+        """Stop holding firings for group_wait (used when the process is about to exit). Only
+        rows never tried: a row backing off after a failure, or told by Retry-After when to come
+        back, keeps its time."""
         now = self.clock()
         with self.outbox.transaction() as c:
-            c.execute("UPDATE outbox SET not_before=? WHERE status='pending' AND action='firing' AND not_before>?",
-                      (now, now))
+            c.execute("UPDATE outbox SET not_before=? WHERE status='pending' AND action='firing' AND not_before>?"
+                      " AND attempts=0 AND last_error IS NULL", (now, now))
 
     def renotify(self) -> int:
         """Enqueue reminders for incidents still firing after ``renotify_interval_s``."""

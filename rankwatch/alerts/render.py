@@ -1,7 +1,13 @@
 """What a notification says: pure functions from an incident to a Slack Block Kit message, a
 plain-text rendering (Slack's notification/fallback text, W&B alert text, Alertmanager
 description) and short titles. Built for a tired on-call engineer: what, where, how bad, the
-evidence, since when, and links — readable in five seconds."""
+evidence, since when, and links — readable in five seconds.
+
+Run and node labels come from whoever starts a training job: every piece of text taken from an
+event goes through ``escape_mrkdwn`` before it lands in Slack mrkdwn (block text, fields, the
+notification text, thread replies), so ``<!channel>`` stays text instead of pinging the channel
+and ``<https://evil.example|click here>`` cannot disguise a link. ``plain_text`` objects (the
+header, button labels) are never parsed by Slack and stay as they are."""
 
 from __future__ import annotations
 
@@ -42,6 +48,15 @@ _LABELS = {
     "dataloader_s": "dataloader per step", "peer_dataloader_s": "peers' dataloader per step", "step_s": "step time",
     "est_step_saving_s": "step time saved without it", "peer_group": "compared with", "peer_group_size": "peers",
 }
+
+
+def escape_mrkdwn(text: str) -> str:
+    """Slack's three control characters as the entities Slack documents: ``&`` first."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def kind_label(kind: str) -> str:
@@ -229,30 +244,30 @@ def render_incident(view: IncidentView, action: str, links: LinksConfig, *, now:
     since = min((e.firing.since if e.firing.since is not None else e.firing.time) for e in view.episodes)
     end = view.resolved_at if resolved and view.resolved_at is not None else None
     emoji = RESOLVED_EMOJI if resolved else SEVERITY_EMOJI.get(view.severity, ":warning:")
-    prefix = "Resolved" if resolved else ("Still firing" if action == "reminder" else view.severity.upper())
     header = f"{emoji} {'Resolved · ' if resolved else ''}{head}"
     if len(header) > 150:
         header = header[:149] + "…"
 
-    summary = culprit.summary or head
+    e = escape_mrkdwn
+    summary = e(culprit.summary or head)
     if len(view.episodes) > 1:
-        nodes = sorted({e.firing.node for e in view.episodes if e.firing.node})
+        nodes = sorted({ep.firing.node for ep in view.episodes if ep.firing.node})
         summary += f"\n*{len(view.episodes)} episodes in this run* started within a few minutes of each other"
         if nodes:
-            shown = ", ".join(nodes[:6]) + (f" and {len(nodes) - 6} more" if len(nodes) > 6 else "")
+            shown = ", ".join(escape_mrkdwn(n) for n in nodes[:6]) + (f" and {len(nodes) - 6} more" if len(nodes) > 6 else "")
             summary += f" — nodes {shown}"
         summary += ": likely one shared cause."
     if resolved and end is not None:
         summary = f"*Recovered* after {_duration(end - since)}. " + summary
 
     fields = [
-        {"type": "mrkdwn", "text": f"*Run*\n{run}"},
-        {"type": "mrkdwn", "text": f"*Where*\n{where(culprit)}"},
-        {"type": "mrkdwn", "text": f"*How bad*\n{how_bad(culprit)}"},
+        {"type": "mrkdwn", "text": f"*Run*\n{e(run)}"},
+        {"type": "mrkdwn", "text": f"*Where*\n{e(where(culprit))}"},
+        {"type": "mrkdwn", "text": f"*How bad*\n{e(how_bad(culprit))}"},
         {"type": "mrkdwn", "text": f"*Since*\n{slack_date(since)}" + (f"\n*Resolved* {slack_date(end)}" if end else "")},
     ]
     if len(view.episodes) > 1:
-        ranks = [e.firing.rank for e in view.episodes if e.firing.rank is not None]
+        ranks = [ep.firing.rank for ep in view.episodes if ep.firing.rank is not None]
         active = len(view.active)
         fields.append({"type": "mrkdwn", "text": f"*Affected ranks*\n{_rank_ranges(ranks) or '—'}"})
         if not resolved:
@@ -260,23 +275,44 @@ def render_incident(view: IncidentView, action: str, links: LinksConfig, *, now:
 
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": summary[:3000]}},
-        {"type": "section", "fields": fields[:10]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": truncate(summary, 3000)}},
+        {"type": "section", "fields": [{**f, "text": truncate(f["text"], 2000)} for f in fields[:10]]},
     ]
     ev_lines = evidence_lines(culprit)
     if ev_lines:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn",
-                                                   "text": ("*Evidence*\n" + "\n".join(f"• {ln}" for ln in ev_lines))[:3000]}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": truncate(
+            "*Evidence*\n" + "\n".join(f"• {e(ln)}" for ln in ev_lines), 3000)}})
     buttons = link_buttons(culprit, links, now=now)
     if buttons:
         blocks.append({"type": "actions", "elements": buttons})
-    context = f"rankwatch detector · incident #{view.id} · {culprit.kind} · episode `{culprit.episode or '-'}`"
+    context = (f"rankwatch detector · incident #{view.id} · {e(culprit.kind)} · "
+               f"episode `{e(culprit.episode or '-')}`")
     if chart_note:
         context += f" · {chart_note}"
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": truncate(context, 3000)}]})
+    return Rendered(text=truncate(notification_text(view, action, e), 3000), blocks=blocks,
+                    title=f"#{view.id} {head}"[:63])
 
-    text = f"[{prefix}] {head} — run {run}. {culprit.summary}".strip()
-    return Rendered(text=text[:3000], blocks=blocks, title=f"#{view.id} {head}"[:63])
+
+def notification_text(view: IncidentView, action: str, escape: Any = _same) -> str:
+    """'[WARNING] Straggler: rank 37 on p5-012 (GPU 3) — run llama. Rank 37 spends …'; ``escape``
+    is applied to every piece taken from the event."""
+    resolved = action == "resolved"
+    prefix = "Resolved" if resolved else ("Still firing" if action == "reminder" else view.severity.upper())
+    culprit = view.culprit.firing
+    run = view.run or "(no run label)"
+    return f"[{prefix}] {escape(headline(view))} — run {escape(run)}. {escape(culprit.summary or '')}".strip()
+
+
+def truncate(text: str, limit: int) -> str:
+    """At most ``limit`` characters, never ending inside an entity (``&lt;`` cut to ``&l``)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    amp = cut.rfind("&", max(0, len(cut) - 5))
+    if amp != -1 and ";" not in cut[amp:]:
+        cut = cut[:amp]
+    return cut + "…"
 
 
 def link_buttons(ev: Event, links: LinksConfig, *, now: float | None = None) -> list[dict[str, Any]]:
@@ -292,7 +328,7 @@ def link_buttons(ev: Event, links: LinksConfig, *, now: float | None = None) -> 
 
 
 def render_thread_reply(view: IncidentView, action: str) -> str:
-    head = headline(view)
+    head = escape_mrkdwn(headline(view))
     since = min((e.firing.since if e.firing.since is not None else e.firing.time) for e in view.episodes)
     if action == "resolved":
         end = view.resolved_at if view.resolved_at is not None else since
@@ -303,21 +339,24 @@ def render_thread_reply(view: IncidentView, action: str) -> str:
     return f"{head}: {len(view.active)} of {len(view.episodes)} still firing."
 
 
-def render_plain(view: IncidentView, action: str, links: LinksConfig, *, now: float | None = None) -> str:
-    """The same message as plain text: W&B alert text, logs, the README sample."""
-    r = render_incident(view, action, links, now=now)
+def render_plain(view: IncidentView, action: str, links: LinksConfig, *, now: float | None = None,
+                 escape: Any = _same) -> str:
+    """The same message as plain text: logs, the README sample, and (with ``escape=escape_mrkdwn``)
+    W&B alert text, which W&B forwards to Slack."""
     culprit = view.culprit.firing
-    since = min((e.firing.since if e.firing.since is not None else e.firing.time) for e in view.episodes)
-    lines = [r.text, f"Where: {where(culprit)}", f"How bad: {how_bad(culprit)}", f"Since: {_utc(since)}"]
+    e = escape
+    since = min((ep.firing.since if ep.firing.since is not None else ep.firing.time) for ep in view.episodes)
+    lines = [notification_text(view, action, e), f"Where: {e(where(culprit))}", f"How bad: {e(how_bad(culprit))}",
+             f"Since: {_utc(since)}"]
     if action == "resolved" and view.resolved_at is not None:
         lines.append(f"Resolved: {_utc(view.resolved_at)} (after {_duration(view.resolved_at - since)})")
     if len(view.episodes) > 1:
-        ranks = [e.firing.rank for e in view.episodes if e.firing.rank is not None]
+        ranks = [ep.firing.rank for ep in view.episodes if ep.firing.rank is not None]
         lines.append(f"Affected ranks: {_rank_ranges(ranks)} ({len(view.active)} of {len(view.episodes)} still firing)")
     ev = evidence_lines(culprit)
     if ev:
         lines.append("Evidence:")
-        lines += [f"  - {ln}" for ln in ev]
+        lines += [f"  - {e(ln)}" for ln in ev]
     for b in link_buttons(culprit, links, now=now):
         lines.append(f"{b['text']['text']}: {b['url']}")
     return "\n".join(lines)

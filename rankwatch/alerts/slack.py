@@ -3,15 +3,22 @@ message on resolve, reply in its thread, attach a chart) or an incoming webhook
 (``WebhookClient``: post only; Slack webhooks can neither edit messages nor upload files).
 
 Both clients get slack_sdk's retry handlers: 429 is retried after ``Retry-After``, 500/503 with
-backoff, connection resets too. ``WebhookClient`` never raises on an HTTP error, so its status
-and body are checked here. Whatever still fails is a ``DeliveryError`` and the notification
-stays in the outbox for the next attempt."""
+backoff, and connection errors raised before the request was sent. An error after it was sent
+(a read timeout, a reset or closed connection) is never retried blindly: the message may have
+been posted, so the ``DeliveryError`` says ``unsure`` and the sink looks for it
+(``find_posted``: the idempotency key in the message metadata) before posting again.
+``WebhookClient`` never raises on an HTTP error, so its status and body are checked here.
+Whatever still fails is a ``DeliveryError`` and the notification stays in the outbox for the
+next attempt, unless Slack refused the message itself (``invalid_blocks``, HTTP 400 from a
+webhook): that is reported once and not retried."""
 
 from __future__ import annotations
 
 import logging
 import time
+from http.client import RemoteDisconnected
 from typing import Any
+from urllib.error import URLError
 
 from slack_sdk import WebClient, WebhookClient
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -23,18 +30,33 @@ from rankwatch.alerts.config import LinksConfig, SlackConfig
 from rankwatch.alerts.delivery import DeliveryError
 from rankwatch.alerts.lifecycle import IncidentView
 from rankwatch.alerts.render import render_incident, render_thread_reply, short_where
+from rankwatch.secrets import RedactingFilter, redact
 
 log = logging.getLogger(__name__)
 # slack_sdk logs request URLs at DEBUG; a webhook URL is a secret, so its logger stays quiet.
 _sdk_log = logging.getLogger("rankwatch.alerts.slack.sdk")
 _sdk_log.setLevel(logging.WARNING)
+# slack_sdk puts the exception text into its ERROR line; it must never show a token or URL.
+_sdk_log.addFilter(RedactingFilter())
 
 METADATA_EVENT_TYPE = "rankwatch_alert"
+# Slack API errors that this message will get again however often it is sent.
+PERMANENT_API_ERRORS = frozenset({
+    "invalid_blocks", "invalid_blocks_format", "msg_too_long", "no_text", "too_many_attachments",
+    "invalid_metadata_format", "invalid_metadata_schema", "metadata_too_large", "invalid_arguments",
+})
+# conversations.history / .replies answers meaning "this token can never read it".
+HISTORY_UNREADABLE = frozenset({"missing_scope", "not_allowed_token_type", "no_permission", "not_in_channel",
+                                "method_not_supported_for_channel_type"})
+# Raised after the request went out: it may have been processed.
+_MAYBE_SENT = (TimeoutError, ConnectionResetError, RemoteDisconnected, ConnectionAbortedError, BrokenPipeError)
 
 
 def retry_handlers(max_retries: int) -> list[RetryHandler]:
     return [
-        ConnectionErrorRetryHandler(max_retry_count=max_retries),
+        # urllib wraps only errors raised while connecting and sending in URLError; a timeout or
+        # reset while waiting for the answer is raw, and retrying it could post twice.
+        ConnectionErrorRetryHandler(max_retry_count=max_retries, error_types=[URLError]),
         RateLimitErrorRetryHandler(max_retry_count=max_retries),
         ServerErrorRetryHandler(max_retry_count=max_retries),
     ]
@@ -50,7 +72,8 @@ def _api_error(exc: SlackApiError) -> DeliveryError:
         except (TypeError, ValueError):
             retry_after = 1.0
     status = resp.status_code if resp is not None else "?"
-    return DeliveryError(f"Slack API error {code or 'unknown'} (HTTP {status})", retry_after)
+    return DeliveryError(f"Slack API error {code or 'unknown'} (HTTP {status})", retry_after,
+                         permanent=code in PERMANENT_API_ERRORS)
 
 
 class SlackNotifier:
@@ -64,11 +87,13 @@ class SlackNotifier:
         self.web: WebClient | None = None
         self.webhook: WebhookClient | None = None
         if cfg.bot_token:
-            self.web = WebClient(token=cfg.bot_token, base_url=cfg.api_url, timeout=int(cfg.timeout_s),
+            # slack_sdk annotates timeout as int but hands it to urlopen, which takes seconds as a
+            # float: int() made a timeout_s below 1 into 0, a non-blocking socket.
+            self.web = WebClient(token=cfg.bot_token, base_url=cfg.api_url, timeout=cfg.timeout_s,  # type: ignore[arg-type]
                                  retry_handlers=handlers, logger=_sdk_log)
         else:
-            self.webhook = WebhookClient(str(cfg.webhook_url), timeout=int(cfg.timeout_s), retry_handlers=handlers,
-                                         logger=_sdk_log)
+            self.webhook = WebhookClient(str(cfg.webhook_url), timeout=cfg.timeout_s,  # type: ignore[arg-type]
+                                         retry_handlers=handlers, logger=_sdk_log)
 
     def wants(self, action: str) -> bool:
         if self.web is not None:
@@ -85,8 +110,11 @@ class SlackNotifier:
             return self._deliver_webhook(action, view)
         except SlackApiError as exc:
             raise _api_error(exc) from None
+        except _MAYBE_SENT as exc:
+            raise DeliveryError(f"no answer from Slack ({type(exc).__name__} after {self.cfg.timeout_s:g} s timeout "
+                                "or a dropped connection): the message may have been posted", unsure=True) from None
         except (SlackClientError, OSError) as exc:
-            # Connection errors: the message names host and reason, never the webhook path.
+            # Connection errors: the message names the reason, never the webhook path.
             raise DeliveryError(f"Slack unreachable: {type(exc).__name__}") from None
 
     def _deliver_webhook(self, action: str, view: IncidentView) -> dict[str, Any]:
@@ -100,7 +128,10 @@ class SlackNotifier:
                     retry_after = float((resp.headers or {}).get("Retry-After", ["1"])[0])
                 except (TypeError, ValueError, IndexError):
                     retry_after = 1.0
-            raise DeliveryError(f"Slack webhook answered HTTP {resp.status_code}: {(resp.body or '')[:100]}", retry_after)
+            # 400 (invalid_payload, invalid_blocks) will come again for this message; 403/404 mean a
+            # revoked webhook, which the operator fixes: the message waits for the new one.
+            raise DeliveryError(f"Slack webhook answered HTTP {resp.status_code}: {redact(resp.body or '')[:100]}",
+                                retry_after, permanent=resp.status_code == 400)
         return {"transport": "webhook"}
 
     def _deliver_bot(self, action: str, view: IncidentView, prior: dict[str, Any] | None, key: str) -> dict[str, Any]:
@@ -141,20 +172,37 @@ class SlackNotifier:
             self.web.files_upload_v2(channel=channel, thread_ts=ts, content=png, filename=f"rankwatch-incident-{view.id}.png",
                                      title=title, alt_txt=f"Compute time per step of {short_where(ev)} against its peers")
         except Exception as exc:  # the alert itself is delivered; the chart is a bonus
-            log.warning("slack: chart for incident %s not attached: %s", view.id, type(exc).__name__ + ": " + str(exc)[:200])
+            log.warning("slack: chart for incident %s not attached: %s", view.id,
+                        redact(type(exc).__name__ + ": " + str(exc))[:200])
 
-    def find_posted(self, key: str, since: float) -> dict[str, Any] | None:
-        """After a crash between posting and recording: was the message with this idempotency
-        key posted? (Bot token only: reads the channel history with message metadata.)"""
+    def find_posted(self, key: str, since: float, thread_ts: str | None = None) -> dict[str, Any] | None:
+        """Was the message with this idempotency key posted (after a crash between posting and
+        recording, or a timeout)? Top-level messages are looked up in the channel history, thread
+        replies in the thread of ``thread_ts``. Webhooks cannot read anything back: None, and the
+        notification is sent again (at least once)."""
         if self.web is None:
             return None
+        channel = str(self.cfg.channel)
         try:
-            resp = self.web.conversations_history(channel=str(self.cfg.channel), oldest=f"{since - 60:.6f}",
-                                                  include_all_metadata=True, limit=200)
-        except (SlackApiError, SlackClientError, OSError) as exc:
+            if thread_ts:
+                resp = self.web.conversations_replies(channel=channel, ts=thread_ts, include_all_metadata=True,
+                                                      limit=200)
+            else:
+                resp = self.web.conversations_history(channel=channel, oldest=f"{since - 60:.6f}",
+                                                      include_all_metadata=True, limit=200)
+        except SlackApiError as exc:
+            code = exc.response.get("error") if exc.response is not None else None
+            # A token without channels:history can never look: say so, and let the sink post
+            # again (at least once) rather than hold the notification for ever.
+            raise DeliveryError(f"cannot check Slack history: {_api_error(exc)}",
+                                permanent=code in HISTORY_UNREADABLE) from None
+        except (SlackClientError, OSError) as exc:
             raise DeliveryError(f"cannot check Slack history: {type(exc).__name__}") from None
         for m in resp.get("messages", []):
             md = m.get("metadata") or {}
             if md.get("event_type") == METADATA_EVENT_TYPE and (md.get("event_payload") or {}).get("key") == key:
-                return {"transport": "bot", "channel": self.cfg.channel, "ts": m.get("ts"), "recovered": True}
+                if thread_ts:
+                    return {"transport": "bot", "channel": channel, "ts": thread_ts, "reply_ts": m.get("ts"),
+                            "recovered": True}
+                return {"transport": "bot", "channel": channel, "ts": m.get("ts"), "recovered": True}
         return None

@@ -10,6 +10,12 @@ project's group view, and its alerts reach the same Slack/e-mail channels the te
 "scriptable run alerts". Its id is derived from the run label, so a restarted detector resumes
 the same monitor run.
 
+wandb falls back to the system temp directory, silently for us, when the directory it is given
+cannot be written: the alert would be "delivered" into a /tmp that nobody reads (and, offline,
+that ``wandb sync`` never finds). So the directory is checked by writing a file into it before
+``wandb.init``, and a run that ended up anywhere else is refused: the alert stays pending with
+an error naming the directory until it can be written.
+
 This module imports wandb lazily: it costs about a second, and only a detector that is
 configured for W&B pays it."""
 
@@ -19,6 +25,7 @@ import hashlib
 import logging
 import os
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,8 @@ from typing import Any
 from rankwatch.alerts.config import LinksConfig, WandbConfig
 from rankwatch.alerts.delivery import DeliveryError
 from rankwatch.alerts.lifecycle import IncidentView
-from rankwatch.alerts.render import headline, render_plain
+from rankwatch.alerts.render import escape_mrkdwn, headline, render_plain, truncate
+from rankwatch.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ class WandbNotifier:
         if run is not None:
             return run
         wandb = self._module()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         # A detector launched from inside a training job's environment must not attach to that
         # job's W&B service process.
         os.environ.pop("WANDB_SERVICE", None)
@@ -78,26 +86,49 @@ class WandbNotifier:
                 settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
             )
         except Exception as exc:  # wandb raises many types (auth, network, usage)
-            raise DeliveryError(f"wandb.init failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+            raise DeliveryError(redact(f"wandb.init failed: {type(exc).__name__}: {str(exc)[:200]}")) from None
+        where = Path(run.dir).resolve()
+        if not where.is_relative_to(self.dir.resolve()):
+            # wandb fell back to another directory after all: nothing there is where it belongs.
+            try:
+                run.finish(exit_code=1)
+            except Exception as exc:
+                log.warning("wandb: finishing the misplaced run failed: %s", redact(str(exc)))
+            raise DeliveryError(f"wandb wrote the run to {where} instead of {self.dir}: not delivered, kept pending")
         self._runs[label] = run
         return run
+
+    def _check_writable(self) -> None:
+        """Write a file into the W&B directory: os.access (what wandb checks) misses read-only
+        mounts and root, and wandb then silently falls back to the system temp directory."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".rankwatch-write-check-", dir=self.dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise DeliveryError(f"W&B directory {self.dir} is not writable ({exc.strerror or type(exc).__name__}): "
+                                "the alert stays pending until it is") from None
 
     def deliver(self, action: str, view: IncidentView, prior: dict[str, Any] | None, key: str) -> dict[str, Any]:
         run = self.run_for(view.run)
         wandb = self._module()
+        # W&B forwards alerts to Slack: label text is escaped as for Slack's own messages.
+        head = escape_mrkdwn(headline(view))
         if action == "resolved":
-            title, level = f"Resolved #{view.id}: {headline(view)}", "INFO"
+            title, level = f"Resolved #{view.id}: {head}", "INFO"
         elif action == "reminder":
-            title, level = f"Still firing #{view.id}: {headline(view)}", LEVELS.get(view.severity, "WARN")
+            title, level = f"Still firing #{view.id}: {head}", LEVELS.get(view.severity, "WARN")
         else:
-            title, level = f"#{view.id} {headline(view)}", LEVELS.get(view.severity, "WARN")
-        text = render_plain(view, action, self.links)
+            title, level = f"#{view.id} {head}", LEVELS.get(view.severity, "WARN")
+        title = truncate(title, 63)
+        text = truncate(render_plain(view, action, self.links, escape=escape_mrkdwn), 8000)
         try:
-            run.alert(title=title[:63], text=text[:8000], level=getattr(wandb.AlertLevel, level),
+            run.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level),
                       wait_duration=self.cfg.wait_duration_s)
         except Exception as exc:
-            raise DeliveryError(f"wandb alert failed: {type(exc).__name__}: {str(exc)[:200]}") from None
-        return {"run_id": run.id, "title": title[:63]}
+            raise DeliveryError(redact(f"wandb alert failed: {type(exc).__name__}: {str(exc)[:200]}")) from None
+        return {"run_id": run.id, "title": title}
 
     def log_scores(self, run_label: str | None, data_time: float, scores: Mapping[Any, float]) -> None:
         """Per-rank detector scores, one history row per evaluation (x axis: data time)."""

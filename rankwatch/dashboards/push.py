@@ -11,12 +11,12 @@ import copy
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import requests
 
 from rankwatch.errors import ConfigError, RankwatchError
+from rankwatch.secrets import read_secret_file, secret_from_env
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,14 @@ def resolve_token(token_file: str | None = None, environ: dict[str, str] | None 
     """The service-account token: `GRAFANA_TOKEN`, else the file ``token_file`` or
     `GRAFANA_TOKEN_FILE` (a mounted Secret, a systemd credential)."""
     env = os.environ if environ is None else environ
-    if env.get("GRAFANA_TOKEN", "").strip():
-        return env["GRAFANA_TOKEN"].strip()
+    token = secret_from_env("GRAFANA_TOKEN", env, what="Grafana token")
+    if token:
+        return token
     path = token_file or env.get("GRAFANA_TOKEN_FILE")
     if not path:
         raise ConfigError("no Grafana token: set GRAFANA_TOKEN, or GRAFANA_TOKEN_FILE / --token-file to a file "
                           "holding a service account token (Editor role)")
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the Grafana token file {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"the Grafana token file {path} is empty")
-    return token
+    return read_secret_file(path, what="Grafana token")
 
 
 def live_run(prometheus_url: str) -> str | None:

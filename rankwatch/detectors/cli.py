@@ -24,7 +24,9 @@ from rankwatch.errors import ConfigError
 
 log = logging.getLogger("rankwatch.detector")
 
-DEFAULT_LISTEN = "0.0.0.0:9415"
+# Only Prometheus reads the detector's /metrics and /healthz: loopback unless a deployment
+# says otherwise (compose, Kubernetes and the systemd unit pass the address they need).
+DEFAULT_LISTEN = "127.0.0.1:9415"
 DEFAULT_STATE_DIR = "rankwatch-state"
 STATE_DB_FILE = "detector.sqlite"  # inside --state-dir, beside the alerts' outbox
 ENV_URL = "RANKWATCH_PROMETHEUS_URL"
@@ -91,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state-db", dest="state_db", default=None, metavar="FILE", action=DeprecatedAlias,
                    new="--state-dir DIR (the database is DIR/" + STATE_DB_FILE + ")")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address of /metrics and /healthz (default: {DEFAULT_LISTEN})")
+                   help=f"address of /metrics and /healthz: this host only by default; 0.0.0.0:9415 when "
+                        f"Prometheus scrapes it from another host or container (default: {DEFAULT_LISTEN})")
     p.add_argument("--query-delay", type=float, default=2.0, metavar="S",
                    help="evaluate data time t at wall time t + S so its scrapes have landed; raise it for "
                         "remote-write stores such as AMP (default: 2)")
@@ -196,13 +199,14 @@ def explicit_settings(args: argparse.Namespace, raw: dict[str, Any]) -> frozense
     return frozenset(given)
 
 
-def build_sinks(raw: dict[str, Any], state_dir: Path, source: str) -> list[Any]:
-    """The alerting sink for the config's [slack]/[wandb]/[alertmanager]/... tables, if any."""
+def build_sinks(raw: dict[str, Any], state_dir: Path, source: str, *, ephemeral: bool = False) -> list[Any]:
+    """The alerting sink for the config's [slack]/[wandb]/[alertmanager]/... tables, if any.
+    ``ephemeral``: ``state_dir`` is deleted at exit."""
     try:
         from rankwatch.alerts import build_sink
     except ImportError:
         return []
-    sink = build_sink(raw, state_dir=state_dir, source=source)
+    sink = build_sink(raw, state_dir=state_dir, source=source, ephemeral=ephemeral)
     return [sink] if sink is not None else []
 
 
@@ -303,7 +307,7 @@ def run_detect(args: argparse.Namespace) -> int:
         raise ConfigError("a backtest needs --start and --end")
     with tempfile.TemporaryDirectory(prefix="rankwatch-detect-") as tmp:
         state_dir = Path(args.state_dir) if args.state_dir else Path(tmp)
-        sinks = build_sinks(raw, state_dir, args.config or "<config>")
+        sinks = build_sinks(raw, state_dir, args.config or "<config>", ephemeral=not args.state_dir)
         writer = event_writer(args)
         dataset = None
         try:

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -22,6 +22,7 @@ from rankwatch.detectors.cadence import WindowPlan
 from rankwatch.detectors.coverage import SOURCES, Coverage
 from rankwatch.errors import ConfigError
 from rankwatch.events import Event
+from rankwatch.httpserver import HttpServer, Limits, parse_listen_address
 
 
 class _RankCollector(Collector):
@@ -165,51 +166,53 @@ class DetectorMetrics:
                     "last_evaluated_time": self._last_t, "query_errors_last_cycle": self._last_errors}
 
 
+# Prometheus scrapes the detector; nothing else needs it. Two workers are plenty.
+SERVER_LIMITS = Limits(workers=2, max_connections=64)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Any  # the HttpServer, with .metrics attached
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        m: DetectorMetrics = self.server.metrics
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, ctype, encoder(m.registry))
+        elif path == "/healthz":
+            ok, body = m.health()
+            self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+        else:
+            self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line
+        pass
+
+
 class MetricsServer:
     """``/metrics`` (Prometheus text or OpenMetrics by Accept header) and ``/healthz`` (JSON; 503
-    once no cycle has finished for three intervals)."""
+    once no cycle has finished for three intervals), served by :mod:`rankwatch.httpserver`:
+    bounded workers, and idle or half-open clients dropped after its timeouts."""
 
-    def __init__(self, metrics: DetectorMetrics, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
+    def __init__(self, metrics: DetectorMetrics, listen: str, limits: Limits = SERVER_LIMITS) -> None:
         try:
-            port_n = int(port)
-        except ValueError:
-            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9415") from None
-        host = host.strip("[]") or "0.0.0.0"
-        m = metrics
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
-                    self._send(200, ctype, encoder(m.registry))
-                elif path == "/healthz":
-                    ok, body = m.health()
-                    self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
-                else:
-                    self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line
-                pass
-
+            host, port = parse_listen_address(listen, "--listen")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         try:
-            self.httpd = ThreadingHTTPServer((host, port_n), Handler)
+            self.httpd = HttpServer(host, port, _Handler, limits=limits, name="rankwatch-detector")
         except OSError as exc:
             raise ConfigError(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
-        self.httpd.daemon_threads = True
-        self.port = int(self.httpd.server_address[1])
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="detector-http", daemon=True)
-        self._thread.start()
+        self.httpd.metrics = metrics  # type: ignore[attr-defined]
+        self.port = self.httpd.port
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()

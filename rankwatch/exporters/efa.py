@@ -9,7 +9,13 @@ For every RDMA device under ``<sysfs>/class/infiniband`` whose PCI vendor is Ama
 * ``node_amazonefa_lifespan`` as a gauge (it is the kernel's cache time in ms, not a counter),
 * ``node_amazonefa_info{device,pci_address,node_guid,pci_device} 1``,
 * own health series: ``rankwatch_efa_device_read_success{device}``,
-  ``rankwatch_efa_read_errors_total{device,reason}`` and the port link rate.
+  ``rankwatch_efa_read_errors_total{device,reason}``, ``rankwatch_efa_invalid_device_names``
+  and the port link rate.
+
+Names come from the kernel, but a name that could not be a label value, or that no kernel
+writes (a device name that is not UTF-8 text, a port that is not a decimal number, a counter
+file that is not a metric-name suffix), costs only its own device, port or file: it is skipped
+and counted (reason ``name``), never allowed to fail the scrape.
 
 A worker thread reads the devices one after another and the scrape waits at most ``timeout``
 seconds: a device whose admin queue is wedged (a read can block for the 30 s admin timeout)
@@ -24,25 +30,27 @@ times cheaper than open/read/close, and sysfs regenerates an attribute read at o
 from __future__ import annotations
 
 import logging
+import math
 import os
-import queue
 import re
 import resource
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
+from rankwatch.daemonpool import DaemonPool
+from rankwatch.exporters.exposition import label_text
+
 log = logging.getLogger(__name__)
 
 EFA_PCI_VENDOR = 0x1D0F
 PREFIX = "node_amazonefa_"
-ERROR_REASONS = ("read", "parse", "timeout")
+ERROR_REASONS = ("read", "parse", "timeout", "name")
 
 # HELP text per counter, in the kernel's order (efa_verbs.c); wording from the AWS EFA and
 # CloudWatch documentation.
@@ -91,7 +99,31 @@ LIFESPAN_HELP = ("Milliseconds the kernel caches a hw_counters group before it a
                  "again (hw_counters/lifespan; a setting, not a counter).")
 
 _NAME_OK = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_RESERVED = frozenset({"info"})  # node_amazonefa_info is the identity family
+_PORT_OK = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²"
+# C0/C1 control characters: legal in a label value, but no kernel device name holds them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _UNKNOWN = object()
+# Sample(name, labels, value) without the namedtuple's Python-level __new__: ~1 300 samples per
+# scrape on a p5. The tail fills the optional fields (timestamp, exemplar, ...) with None.
+_SAMPLE_TAIL = (None,) * (len(Sample._fields) - 3)
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> Sample:
+    return tuple.__new__(Sample, (name, labels, value, *_SAMPLE_TAIL))
+
+
+def valid_device_name(name: str) -> bool:
+    """Whether a directory name under class/infiniband can be a ``device`` label value: UTF-8
+    text without control characters (os.listdir() hands undecodable bytes over as lone
+    surrogates, which no label value may hold)."""
+    if not name or _CONTROL.search(name):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,8 +260,9 @@ class _CounterReader:
                 result.errors.append(("read", path + "/" + name, exc.strerror or str(exc)))
                 failed = True
                 continue
-            text = data.strip()
-            if text.isdigit():  # "%llu\n" (same test as _parse_counter, inlined)
+            if data[:-1].isdigit() and data[-1:] == b"\n":  # "%llu\n": int() takes the newline
+                values[name] = int(data)
+            elif (text := data.strip()).isdigit():  # (same test as _parse_counter, inlined)
                 values[name] = int(text)
             else:
                 result.errors.append(("parse", path + "/" + name, repr(data[:40])))
@@ -254,8 +287,12 @@ class _CounterReader:
         keep = True
         try:
             for name in os.listdir(dfd):
-                if not _NAME_OK.fullmatch(name):
-                    continue  # not a kernel attribute (editor or tool leftovers)
+                if not _NAME_OK.fullmatch(name) or name in _RESERVED:
+                    # No kernel attribute is named so; it cannot be a metric name either (or
+                    # would be a second family under the name of one of ours).
+                    result.errors.append(("name", path + "/" + name, "not a counter name"))
+                    keep = False  # look again next scrape (and count it again)
+                    continue
                 try:
                     fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
                 except FileNotFoundError:
@@ -338,86 +375,19 @@ def _identify(base: str) -> Any:
         node_guid = _read_bytes(base + "/node_guid").decode("ascii", "replace").strip()
     except OSError:
         node_guid = ""
-    pci_address = os.path.basename(os.path.realpath(base + "/device"))
+    pci_address = label_text(os.path.basename(os.path.realpath(base + "/device")))
     return _Identity(pci_address, pci_device, node_guid)
-
-
-def _port_sort_key(port: str) -> tuple[int, str]:
-    return (int(port), "") if port.isdigit() else (1 << 30, port)
-
-
-class _ReaderPool:
-    """Daemon worker threads for sysfs reads.
-
-    Not concurrent.futures.ThreadPoolExecutor: its threads are joined at interpreter exit, so
-    one read stuck in the kernel would keep the exporter from ever exiting. The pool grows by
-    one thread per stuck read (``grow``/``resize``) so that healthy devices always have a
-    worker; a worker whose stuck read finally returns leaves when the pool is over size.
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._name = name
-        self._base = size
-        self._target = size
-        self._live = 0
-        self._closed = False
-
-    def resize(self, extra: int) -> None:
-        """Keep ``extra`` threads beyond the base size (one per read known to be stuck)."""
-        with self._lock:
-            self._target = self._base + extra
-
-    def grow(self) -> None:
-        """Add a worker now: the queue has made no progress, a worker is probably stuck."""
-        with self._lock:
-            self._target += 1
-            self._start_workers()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        self._queue.put((fut, fn, args))
-        with self._lock:
-            self._start_workers()
-        return fut
-
-    def _start_workers(self) -> None:
-        while self._live < self._target and not self._closed:
-            self._live += 1
-            threading.Thread(target=self._work, name=f"{self._name}-{self._live}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as exc:  # handed to the waiting scrape
-                    fut.set_exception(exc)
-            with self._lock:
-                if self._live > self._target:  # a stuck read came back: shrink again
-                    self._live -= 1
-                    return
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            live = self._live
-        for _ in range(live):
-            self._queue.put(None)
 
 
 class _Batch:
     """The devices of one scrape, read one after another by whichever workers drain it."""
 
-    def __init__(self, devices: list[tuple[str, Any]], read: Callable[[str, Any], _DeviceRead]) -> None:
+    def __init__(self, devices: list[tuple[str, Any]], read: Callable[[str, Any], _DeviceRead],
+                 on_bug: Callable[[str, BaseException], None]) -> None:
         self._queue = list(reversed(devices))
         self._total = len(devices)
         self._read = read
+        self._on_bug = on_bug
         self._cond = threading.Condition()
         self._active: set[str] = set()
         self._closed = False
@@ -433,7 +403,7 @@ class _Batch:
             try:
                 result = self._read(device, identity)
             except Exception as exc:  # a bug must cost one device, not the scrape
-                log.exception("reading EFA device %s failed", device)
+                self._on_bug(device, exc)
                 result = _DeviceRead(device, identity if isinstance(identity, _Identity) else None,
                                      identified=False, errors=[("read", device, repr(exc))])
             with self._cond:
@@ -467,19 +437,22 @@ class EfaCollector:
 
     def __init__(self, sysfs_path: str | os.PathLike[str] = "/sys", *, timeout: float = 1.0,
                  workers: int = 1) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN fails every comparison
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.sysfs_path = os.fspath(sysfs_path)
         self.timeout = timeout
         self._class_dir = os.path.join(self.sysfs_path, "class", "infiniband")
-        self._pool = _ReaderPool(max(1, workers), "rankwatch-efa")
+        self._pool = DaemonPool(max(1, workers), "rankwatch-efa")
         self._lock = threading.Lock()
+        self._lock_bugs = threading.Lock()
         self._identities: dict[str, _Identity | None] = {}
         self._readers: dict[str, _CounterReader] = {}  # per device: reads of one device never overlap
         self._inflight: dict[str, _Batch] = {}  # devices whose read is stuck in the kernel
         self._errors: dict[str, dict[str, int]] = {}
         self._logged: set[tuple[str, str]] = set()
         self._logged_no_class = False
+        self._invalid_names = 0
+        self._bugs_logged: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ reading
     def _reader(self, device: str) -> _CounterReader:
@@ -497,12 +470,19 @@ class EfaCollector:
         result = _DeviceRead(device, identity)
         ports_dir = base + "/ports"
         try:
-            ports = sorted(os.listdir(ports_dir), key=_port_sort_key)
+            names = os.listdir(ports_dir)
         except FileNotFoundError:
-            ports = []
+            names = []
         except OSError as exc:
             result.errors.append(("read", ports_dir, exc.strerror or str(exc)))
-            ports = []
+            names = []
+        ports = []
+        for port in names:
+            if _PORT_OK.fullmatch(port):
+                ports.append(port)
+            else:  # the kernel numbers ports 1..N
+                result.errors.append(("name", ports_dir + "/" + port, "not a port number"))
+        ports.sort(key=int)
         for port in ports:
             pdir = ports_dir + "/" + port
             counters = self._reader(device).read(pdir + "/hw_counters", result)
@@ -519,6 +499,14 @@ class EfaCollector:
                 log.info("no RDMA devices: %s does not exist", self._class_dir)
                 self._logged_no_class = True
             names = []
+        valid = [n for n in names if valid_device_name(n)]
+        self._invalid_names = len(names) - len(valid)
+        for bad in names:
+            if bad not in valid and ("name", bad) not in self._logged:
+                self._logged.add(("name", bad))
+                log.warning("EFA: skipping %r under %s: a device name must be UTF-8 text "
+                            "(counted in rankwatch_efa_invalid_device_names)", os.fsencode(bad), self._class_dir)
+        names = valid
         present = set(names)
         self._inflight = {d: b for d, b in self._inflight.items() if b.is_active(d)}
         for gone in [d for d in self._identities if d not in present]:
@@ -528,7 +516,7 @@ class EfaCollector:
         self._pool.resize(len(self._inflight))
         timed_out: list[str] = [d for d in names if d in self._inflight]
         todo = [d for d in names if d not in self._inflight and self._identities.get(d, _UNKNOWN) is not None]
-        batch = _Batch([(d, self._identities.get(d, _UNKNOWN)) for d in todo], self._read_device)
+        batch = _Batch([(d, self._identities.get(d, _UNKNOWN)) for d in todo], self._read_device, self._on_bug)
         if todo:
             self._pool.submit(batch.drain)
             self._wait(batch)
@@ -568,13 +556,24 @@ class EfaCollector:
                 self._pool.submit(batch.drain)
             done = progress
 
+    def _on_bug(self, device: str, exc: BaseException) -> None:
+        """An unexpected exception while reading one device: logged with its traceback once per
+        device and kind, then only counted (a read error of that device)."""
+        key = (device, type(exc).__name__)
+        with self._lock_bugs:
+            first = key not in self._bugs_logged
+            self._bugs_logged.add(key)
+        if first:
+            log.error("reading EFA device %s failed; further failures of this kind are only counted "
+                      "(rankwatch_efa_read_errors_total)", device, exc_info=exc)
+
     def _count_errors(self, device: str, errors: list[tuple[str, str, str]]) -> None:
         counts = self._errors.setdefault(device, dict.fromkeys(ERROR_REASONS, 0))
         for reason, path, detail in errors:
             counts[reason] += 1
             if (reason, path) not in self._logged:  # once per file until the device recovers
                 self._logged.add((reason, path))
-                log.warning("EFA device %s: %s error on %s: %s", device, reason, path, detail)
+                log.warning("EFA device %s: %s error on %r: %s", device, reason, path, detail)
 
     # ------------------------------------------------------------------ families
     def collect(self) -> list[Metric]:
@@ -616,16 +615,16 @@ class EfaCollector:
                 labels = {"device": device, "port": port}
                 for name, value in counters.items():
                     if name == "lifespan":
-                        lifespan.samples.append(Sample(PREFIX + "lifespan", labels, value))
+                        lifespan.samples.append(_sample(PREFIX + "lifespan", labels, value))
                     else:
-                        port_values.setdefault(name, []).append(Sample(PREFIX + name, labels, value))
+                        port_values.setdefault(name, []).append(_sample(PREFIX + name, labels, value))
                         port_names.add(name)
                 if link_rate is not None:
-                    rate.samples.append(Sample(rate.name, labels, link_rate))
+                    rate.samples.append(_sample(rate.name, labels, link_rate))
             dev_labels = {"device": device}
             for name, value in r.counters.items():
                 if name == "lifespan":
-                    lifespan.samples.append(Sample(PREFIX + "lifespan", dev_labels, value))
+                    lifespan.samples.append(_sample(PREFIX + "lifespan", dev_labels, value))
                 elif name not in port_names:
                     # Drivers before r1.14 listed the port stats at device level too: one
                     # series per value, never the same bytes twice.
@@ -638,12 +637,15 @@ class EfaCollector:
             families.append(fam)
         if lifespan.samples:
             families.append(lifespan)
+        used = {f.name for f in families} | {PREFIX + "lifespan"}
         for name in _ordered(device_values, DEVICE_COUNTER_HELP):
             # never mix label sets in one family: a device counter named like a port counter
             fam_name = PREFIX + ("device_" + name if name in port_values else name)
+            if fam_name in used:  # only a tree no kernel writes gets here (port file device_<x>)
+                continue
             fam = Metric(fam_name, DEVICE_COUNTER_HELP.get(name, f"EFA device counter {name} from sysfs hw_counters."),
                          "counter")
-            fam.samples = [Sample(fam_name, labels, value) for labels, value in device_values[name]]
+            fam.samples = [_sample(fam_name, labels, value) for labels, value in device_values[name]]
             families.append(fam)
         if rate.samples:
             families.append(rate)
@@ -657,19 +659,24 @@ class EfaCollector:
                                     labels=["device"])
         errors = CounterMetricFamily("rankwatch_efa_read_errors",
                                      "sysfs files of the EFA device that could not be read (read), held no "
-                                     "number (parse), or did not answer within the timeout (timeout).",
+                                     "number (parse), did not answer within the timeout (timeout), or "
+                                     "had a name no kernel writes (name: skipped).",
                                      labels=["device", "reason"])
         open_files = GaugeMetricFamily("rankwatch_efa_open_files",
                                        "Counter files the EFA collectors of this process keep open between "
                                        "scrapes (each is re-read with one pread).")
         open_files.add_metric([], FD_BUDGET.used)
+        invalid = GaugeMetricFamily("rankwatch_efa_invalid_device_names",
+                                    "Entries under class/infiniband skipped in this scrape because their name "
+                                    "cannot be a label value (not UTF-8 text, or control characters).")
+        invalid.add_metric([], self._invalid_names)
         status = {r.device: not r.errors for r in reads}
         status.update(dict.fromkeys(timed_out, False))
         for device in sorted(status):
             success.add_metric([device], 1 if status[device] else 0)
             for reason in ERROR_REASONS:
                 errors.add_metric([device, reason], self._errors.get(device, {}).get(reason, 0))
-        return [f for f in (success, errors) if f.samples] + [open_files]
+        return [f for f in (success, errors) if f.samples] + [open_files, invalid]
 
     def close(self) -> None:
         """Stop the reader threads and close cached files (not those of a read still stuck)."""

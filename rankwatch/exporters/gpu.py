@@ -261,9 +261,8 @@ class GpuCollector:
         self._errors: dict[tuple[str, str, str], int] = {}
         self._closed = False
         if job_mapping_dir and not os.path.isdir(job_mapping_dir):
-            log.warning(
-                "HPC job mapping directory %s does not exist (yet): no hpc_job labels", job_mapping_dir
-            )
+            log.info("HPC job mapping directory %s does not exist yet: no job has started on this node "
+                     "(Slurm's prolog creates it); no hpc_job labels until it appears", job_mapping_dir)
         with self._lock:
             self._try_init()
 

@@ -18,29 +18,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import resource
-import selectors
 import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client.metrics_core import Metric
 
-from rankwatch import __version__
+from rankwatch import __version__, httpserver
 from rankwatch.errors import ConfigError, RankwatchError
 from rankwatch.exporters.base import Collector
 from rankwatch.exporters.exposition import CONTENT_TYPE, Renderer
 from rankwatch.exporters.selfmetrics import CollectorRunner, exporter_families, process_families
+from rankwatch.httpserver import HttpServer, Limits, join_host_port
 from rankwatch.sim.faults import NODE_FAULTS, Injection, parse_injection
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "0.0.0.0:9410"
+# Scrapes coalesce into one collection (NodeExporter.scrape), so a few workers serve any burst.
+SERVER_LIMITS = Limits(workers=8)
 _LANDING = b"""<html><head><title>rankwatch node exporter</title></head><body>
 <h1>rankwatch node exporter</h1><p><a href="/metrics">Metrics</a> &middot; <a href="/healthz">Health</a></p>
 </body></html>
@@ -112,56 +115,18 @@ class NodeExporter:
             raise result
         return result
 
-    def serve(self, host: str = "0.0.0.0", port: int = 9410) -> ExporterServer:
+    def serve(self, host: str = "0.0.0.0", port: int = 9410, limits: Limits = SERVER_LIMITS) -> ExporterServer:
         """Start serving in a background thread; returns at once. Port 0 picks a free port."""
-        return ExporterServer(self, host, port)
+        return ExporterServer(self, host, port, limits)
 
     def close(self) -> None:
         self.runner.close()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    exporter: NodeExporter
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        """End keep-alive connections too: a stopped exporter must look down to Prometheus
-        (a simulated node that dies), not keep answering on an old connection."""
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: Any  # the HttpServer, with .exporter attached
     protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection
     server_version = f"rankwatch-node-exporter/{__version__}"
-    # An idle keep-alive connection is closed after this long (longer than any sane scrape
-    # interval); its thread blocks in recv() meanwhile and costs no CPU.
-    timeout = 600
 
     def do_GET(self) -> None:
         self._respond(send_body=True)
@@ -196,53 +161,35 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ExporterServer:
-    """An HTTP server for one NodeExporter, running in a daemon thread until stop().
+    """An HTTP server for one NodeExporter (:mod:`rankwatch.httpserver`: backlog 1024, a
+    bounded pool of 8 workers, idle and slow clients dropped), running until stop().
 
-    The accept loop blocks in select() on the listening socket and a wake-up pipe, with no
-    timeout: an idle exporter uses no CPU at all (http.server's serve_forever wakes twice a
-    second to check for shutdown).
+    The event loop blocks in select() without a timeout while no connection is open: an idle
+    exporter uses no CPU at all.
     """
 
-    def __init__(self, exporter: NodeExporter, host: str, port: int) -> None:
-        cls = _Server6 if ":" in host else _Server
+    def __init__(self, exporter: NodeExporter, host: str, port: int, limits: Limits = SERVER_LIMITS) -> None:
         try:
-            self._httpd = cls((host, port), _Handler)
+            self._httpd = HttpServer(host, port, _Handler, limits=limits, name="rankwatch-node-exporter")
         except OSError as exc:
-            raise RankwatchError(f"cannot listen on {_join_host_port(host, port)}: {exc.strerror or exc}") from None
-        self._httpd.exporter = exporter
-        self.host = host
-        self.port = int(self._httpd.server_address[1])
-        self._wake_r, self._wake_w = os.pipe()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name=f"rankwatch-http-{self.port}", daemon=True)
-        self._thread.start()
+            raise RankwatchError(f"cannot listen on {join_host_port(host, port)}: {exc.strerror or exc}") from None
+        self._httpd.exporter = exporter  # type: ignore[attr-defined]
+        self.host = self._httpd.host
+        self.port = self._httpd.port
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else ("[::1]" if self.host == "::" else self.host)
-        return f"http://{_join_host_port(host, self.port)}"
+        return self._httpd.url
 
-    def _serve(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._httpd.fileno(), selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in sel.select():
-                    if key.fd == self._wake_r:
-                        return
-                    self._httpd._handle_request_noblock()
+    @property
+    def http(self) -> HttpServer:
+        """The underlying server (connection and worker counts)."""
+        return self._httpd
 
     def stop(self) -> None:
-        """Stop accepting connections and close the socket. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=10)
-        self._httpd.server_close()
-        self._httpd.drop_connections()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Stop accepting connections, end open ones (a stopped exporter must look down to
+        Prometheus, not keep answering on a kept-alive connection). Idempotent."""
+        self._httpd.stop()
 
     def __enter__(self) -> ExporterServer:
         return self
@@ -257,18 +204,12 @@ def default_hostname() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``:PORT`` or ``[IPv6]:PORT`` → (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"--web.listen-address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:9410")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port_text)
+    try:
+        return httpserver.parse_listen_address(text, "--web.listen-address")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -321,12 +262,16 @@ def _injection(text: str) -> Injection:
 
 def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--collector.efa.timeout", args.efa_timeout), ("--collector.timeout", args.collector_timeout)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be > 0, got {value:g}")
+        # `not value > 0` also catches NaN, which compares false with everything
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number of seconds > 0, got {value:g}")
     if args.simulate and (args.simulate_gpus < 0 or args.simulate_efa < 0):
         raise ConfigError("--simulate-gpus and --simulate-efa must be >= 0")
-    if args.job_mapping_dir and not os.path.isdir(args.job_mapping_dir):
-        raise ConfigError(f"--job-mapping-dir {args.job_mapping_dir}: not a directory")
+    # A missing mapping directory is "no job yet" (Slurm's prolog creates it under /run, a
+    # tmpfs, at the first job after each boot); the GPU collector says so and reads it again
+    # at every scrape. Something else in its place is a mistake.
+    if args.job_mapping_dir and os.path.exists(args.job_mapping_dir) and not os.path.isdir(args.job_mapping_dir):
+        raise ConfigError(f"--job-mapping-dir {args.job_mapping_dir}: exists but is not a directory")
     if not args.collector_gpu and not args.collector_efa:
         raise ConfigError("every collector is disabled: enable --collector.gpu or --collector.efa")
     for inj in args.inject:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
@@ -35,14 +36,18 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from rankwatch.exporters.cuda_timing import CudaSectionTimer
+from rankwatch.exporters.exposition import label_text
 from rankwatch.exporters.identity import RankIdentity
+from rankwatch.httpserver import HttpServer, Limits
 
 log = logging.getLogger("rankwatch.probe")
 
@@ -50,6 +55,8 @@ DEFAULT_BASE_PORT = 9420
 SECTION_NAMES = ("dataloader", "forward", "backward", "optimizer", "comm", "checkpoint")
 SERIES_LABELS = ("run", "rank", "local_rank", "node")
 CLOSE_DRAIN_SECONDS = 2.0
+# One Prometheus (two with HA) scrapes a rank: two workers, and few idle connections kept.
+SERVER_LIMITS = Limits(workers=2, max_connections=64)
 
 
 class _Auto:
@@ -144,6 +151,7 @@ class Probe:
 
     ``run``: training run id (label ``run``). ``port``: where to serve; default
     ``$RANKWATCH_PROBE_BASE_PORT`` (9420) + ``LOCAL_RANK``; ``0`` records without serving.
+    ``addr``: the address to listen on; default ``$RANKWATCH_PROBE_ADDR``, else ``0.0.0.0``.
     ``identity``: default :meth:`RankIdentity.from_env`. ``wandb_run``: a wandb run to report
     to; default: ``wandb.run`` on rank 0 if the script started one; ``None`` disables W&B.
     ``wandb_every``: steps between W&B reports. ``wandb_gather``: every ``wandb_every`` steps
@@ -153,18 +161,22 @@ class Probe:
     ``max_sections``: bound on distinct section names (each is a label value).
     """
 
-    def __init__(self, run: str, *, port: int | None = None, addr: str = "0.0.0.0",
+    def __init__(self, run: str, *, port: int | None = None, addr: str | None = None,
                  identity: RankIdentity | None = None, wandb_run: Any = AUTO, wandb_every: int = 100,
                  wandb_gather: bool = False, cuda_timing: bool | None = None, max_sections: int = 32) -> None:
         if not isinstance(run, str) or not run:
             raise ValueError("Probe(run=...) needs a non-empty training run id")
         if wandb_every < 1:
             raise ValueError(f"wandb_every must be >= 1, got {wandb_every}")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ValueError(f"Probe(port={port!r}): a port is an int from 0 to 65535 (0: do not serve)")
         self.run = run
         self.identity = identity if identity is not None else RankIdentity.from_env()
         self._identity_auto = identity is None
         ident = self.identity
-        self._labels = (run, str(ident.rank), str(ident.local_rank), ident.node)
+        # Label values must be text: a run id or node name with bytes that are not UTF-8 (an
+        # environment variable decoded with surrogates) would fail every scrape.
+        self._labels = tuple(label_text(v) for v in (run, str(ident.rank), str(ident.local_rank), ident.node))
         self._lock = threading.Lock()
         self._steps = 0
         self._step_seconds = 0.0
@@ -187,10 +199,11 @@ class Probe:
         self.collector = ProbeCollector(self)
         self.registry.register(self.collector)
 
-        self._httpd: Any = None
-        self._http_thread: threading.Thread | None = None
+        self._httpd: HttpServer | None = None
         self.port: int | None = None
-        self._serve(self._resolve_port(port), addr)
+        # every interface by default (Prometheus scrapes from another host); RANKWATCH_PROBE_ADDR
+        # narrows it without touching the training script
+        self._serve(self._resolve_port(port), addr or os.environ.get("RANKWATCH_PROBE_ADDR") or "0.0.0.0")
 
         self._reporter: Any = None
         if wandb_run is not None or wandb_gather:
@@ -212,19 +225,42 @@ class Probe:
                     tokens: int | None = None, step: int | None = None, end_time: float | None = None) -> None:
         """Record a step measured elsewhere (Megatron timers, a simulator): its wall time, the
         seconds of each section in it, tokens, the loop's step number and the Unix time it
-        ended (default now)."""
+        ended (default now).
+
+        Counters only rise: a time that is not a finite number >= 0, or a token count that is
+        not a whole number >= 0, is rejected and counted in ``rankwatch_probe_errors_total``
+        (logged once per kind). A rejected step time drops the whole step; a rejected section
+        or token count drops only that value."""
         try:
-            if sections:
+            secs = _seconds(seconds)
+            good: dict[str, float] = {}
+            for name, sec in (sections or {}).items():
+                value = _seconds(sec)
+                if value is None:
+                    self._reject("section-seconds", f"section {name!r} = {sec!r}")
+                else:
+                    good[name] = value
+            if secs is None:
+                self._reject("step-seconds", f"step time {seconds!r} (the step is not recorded)")
+                if tokens is not None and _count(tokens) is None:
+                    self._reject("tokens", f"tokens = {tokens!r}")
+                return
+            if good:
                 with self._lock:
-                    for name, sec in sections.items():
-                        self._add_section_locked(name, sec)
-            self._end_step(float(seconds), tokens, step, end_time)
+                    for name, value in good.items():
+                        self._add_section_locked(name, value)
+            self._end_step(secs, tokens, step, end_time)
         except Exception as exc:
             self._fail("record_step", exc)
 
     def record_section(self, name: str, seconds: float) -> None:
-        """Record one section measured elsewhere (host time; it is not tied to a step)."""
-        self._end_section(name, seconds, None)
+        """Record one section measured elsewhere (host time; it is not tied to a step). A time
+        that is not a finite number >= 0 is rejected and counted, as in :meth:`record_step`."""
+        value = _seconds(seconds)
+        if value is None:
+            self._reject("section-seconds", f"section {name!r} = {seconds!r}")
+            return
+        self._end_section(name, value, None)
 
     def begin_step(self) -> None:
         """Start a step (for callback-style integrations; prefer ``with probe.step()``)."""
@@ -369,16 +405,35 @@ class Probe:
         s = self._sections[name] = [0.0, 0]
         return s
 
-    def _end_step(self, seconds: float, tokens: int | None, step: int | None, end_time: float | None) -> None:
+    def _end_step(self, seconds: float, tokens: Any, step: Any, end_time: Any) -> None:
         try:
-            now = time.time() if end_time is None else end_time
+            n_tokens = 0
+            if tokens is not None:
+                if type(tokens) is int and tokens >= 0:  # the common case, without a call
+                    n_tokens = tokens
+                else:
+                    checked = _count(tokens)
+                    if checked is None:
+                        self._reject("tokens", f"tokens = {tokens!r} (not counted)")
+                    else:
+                        n_tokens = checked
+            loop_step = None
+            if step is not None:
+                loop_step = _step_number(step)
+                if loop_step is None:
+                    self._reject("step-number", f"step = {step!r} (not exported)")
+            now = time.time()
+            if end_time is not None:
+                if isinstance(end_time, (int, float)) and 0 < end_time < math.inf:
+                    now = float(end_time)
+                else:
+                    self._reject("end-time", f"end_time = {end_time!r} (the current time is used)")
             with self._lock:
                 self._steps += 1
                 self._step_seconds += seconds
-                if tokens:
-                    self._tokens += int(tokens)
+                self._tokens += n_tokens
                 self._last_step_time = now
-                self._loop_step = self._steps if step is None else int(step)
+                self._loop_step = self._steps if loop_step is None else loop_step
                 steps = self._steps
             if self._cuda is not None:
                 self._drain_cuda()
@@ -386,6 +441,10 @@ class Probe:
                 self._reporter.on_step(steps)
         except Exception as exc:
             self._fail("step", exc)
+
+    def _reject(self, where: str, what: str) -> None:
+        self._fail(where, ValueError(f"rejected {what}: a counter only rises, so times must be finite "
+                                     "numbers >= 0 and token counts whole numbers >= 0"))
 
     def _drain_cuda(self) -> None:
         cuda = self._cuda
@@ -397,6 +456,9 @@ class Probe:
         if done:
             with self._lock:
                 for name, sec in done:
+                    if not 0.0 <= sec < math.inf:  # a GPU timing that makes no sense: never into a counter
+                        self._fail_locked("cuda-time", ValueError(f"rejected CUDA time {sec!r} of section {name!r}"))
+                        continue
                     s = self._sections.get(name)
                     if s is None:
                         s = self._new_section(name)
@@ -453,42 +515,58 @@ class Probe:
                         "(rankwatch_probe_errors_total): %s", self.run, self.identity.rank, where, exc,
                         exc_info=not isinstance(exc, (RuntimeError, ValueError, TypeError, OSError)))
 
-    def _resolve_port(self, port: int | None) -> int:
+    def _resolve_port(self, port: int | None) -> int | None:
+        """The port to serve on: 0 for none; None when the environment asks for an impossible
+        one (warned about and counted: a typo in a launcher script must not stop training)."""
         if port is not None:
-            return int(port)
-        raw = os.environ.get("RANKWATCH_PROBE_BASE_PORT", "")
-        try:
-            base = int(raw) if raw else DEFAULT_BASE_PORT
-        except ValueError:
-            raise ValueError(f"RANKWATCH_PROBE_BASE_PORT={raw!r} is not an integer") from None
-        return 0 if base == 0 else base + self.identity.local_rank
+            return int(port)  # checked in __init__
+        raw = os.environ.get("RANKWATCH_PROBE_BASE_PORT", "").strip()
+        if not raw:
+            base = DEFAULT_BASE_PORT
+        elif raw.isascii() and raw.isdigit():
+            base = int(raw)
+        else:
+            return self._bad_port(f"RANKWATCH_PROBE_BASE_PORT={raw!r} is not a port number")
+        if base == 0:
+            return 0
+        port = base + self.identity.local_rank
+        if not 0 < port <= 65535:
+            return self._bad_port(f"RANKWATCH_PROBE_BASE_PORT={raw} + LOCAL_RANK={self.identity.local_rank} "
+                                  f"= {port} is not a port (1-65535)")
+        return port
 
-    def _serve(self, port: int, addr: str) -> None:
-        if port == 0:
+    def _bad_port(self, why: str) -> None:
+        with self._lock:
+            self._errors += 1
+        log.warning("rankwatch probe (run %s, rank %s): %s; recording continues without a metrics endpoint "
+                    "(rankwatch_probe_errors_total counts this). Set RANKWATCH_PROBE_BASE_PORT so that "
+                    "base + LOCAL_RANK stays within 1-65535.", self.run, self.identity.rank, why)
+        return None
+
+    def _serve(self, port: int | None, addr: str) -> None:
+        if not port:
             return
-        from prometheus_client import start_http_server
-
         try:
-            self._httpd, self._http_thread = start_http_server(port, addr=addr, registry=self.registry)
-            self.port = int(self._httpd.server_address[1])
-        except OSError as exc:
-            # Another process (a second job on the node, a leftover rank) holds the port: the
-            # job must go on; its timings are still recorded, and W&B still gets them.
+            self._httpd = HttpServer(addr, port, _ProbeHandler, limits=SERVER_LIMITS, name="rankwatch-probe")
+        except (OSError, OverflowError, ValueError) as exc:
+            # Another process (a second job on the node, a leftover rank) holds the port, or the
+            # address does not resolve: the job must go on; its timings are still recorded, and
+            # W&B still gets them.
             with self._lock:
                 self._errors += 1
             log.warning("rankwatch probe (run %s, rank %s): cannot serve metrics on %s:%d (%s); "
                         "recording continues without an endpoint. Set RANKWATCH_PROBE_BASE_PORT or "
                         "Probe(port=...) to use another port.", self.run, self.identity.rank, addr, port,
-                        exc.strerror or exc)
+                        getattr(exc, "strerror", None) or exc)
+            return
+        self._httpd.registry = self.registry
+        self.port = self._httpd.port
 
     def _stop_serving(self) -> None:
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
             try:
-                httpd.shutdown()
-                httpd.server_close()
-                if self._http_thread is not None:
-                    self._http_thread.join(timeout=5)
+                httpd.stop()
             except Exception as exc:
                 self._fail("serve-stop", exc)
 
@@ -500,6 +578,40 @@ class Probe:
 
         self._reporter = WandbReporter(self, wandb_run if explicit else None, every=every,
                                        gather=gather, auto=not explicit)
+
+
+def _seconds(value: Any) -> float | None:
+    """A duration that may go into a counter: a finite number >= 0, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if 0.0 <= v < math.inf else None  # NaN fails every comparison
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a whole number >= 0 (an int, or a float / numpy / torch scalar holding
+    one), else None."""
+    return _whole(value, minimum=0)
+
+
+def _step_number(value: Any) -> int | None:
+    """The loop's step number (a gauge: it may go back after a restart), if it is a whole number."""
+    return _whole(value, minimum=-math.inf)
+
+
+def _whole(value: Any, minimum: float) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= minimum else None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if math.isfinite(v) and v >= minimum and v == int(v) else None
 
 
 class ProbeCollector(Collector):
@@ -519,7 +631,7 @@ class ProbeCollector(Collector):
         info = p.identity.info_labels()
         g = GaugeMetricFamily("rankwatch_rank_info", "Identity of this training rank (value 1)",
                               labels=base + list(info))
-        g.add_metric(lv + list(info.values()), 1.0)
+        g.add_metric(lv + [label_text(str(v)) for v in info.values()], 1.0)
         yield g
         c = CounterMetricFamily("rankwatch_steps_total", "Completed training steps", labels=base)
         c.add_metric(lv, t.steps)
@@ -533,7 +645,14 @@ class ProbeCollector(Collector):
                                    labels=base + ["section"])
         cnt = CounterMetricFamily("rankwatch_section_count_total", "Completed sections",
                                   labels=base + ["section"])
-        for name, (s, n) in sorted(t.sections.items()):
+        sections: dict[str, tuple[float, int]] = {}
+        for name, (s, n) in t.sections.items():
+            # a section name is a label value: text only (two names differing only in bytes
+            # that are not text are summed rather than served as one series twice)
+            key = label_text(name)
+            old = sections.get(key, (0.0, 0))
+            sections[key] = (old[0] + s, old[1] + n)
+        for name, (s, n) in sorted(sections.items()):
             secs.add_metric(lv + [name], s)
             cnt.add_metric(lv + [name], n)
         yield secs
@@ -554,6 +673,31 @@ class ProbeCollector(Collector):
                                 "Errors inside the probe (logged once per kind, never raised)", labels=base)
         c.add_metric(lv, t.errors)
         yield c
+
+
+class _ProbeHandler(BaseHTTPRequestHandler):
+    """Serves the probe's registry on every path, as prometheus_client's server did: text
+    format 0.0.4, or OpenMetrics when the scraper asks for it. Never gzipped: the body is a
+    few KB, and compressing it would hold the training process's GIL for longer."""
+
+    server: Any  # the HttpServer, with .registry attached
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+        try:
+            body, status = encoder(self.server.registry), 200
+        except Exception as exc:  # never let a scrape take the probe down
+            log.warning("rankwatch probe: scrape failed: %s", exc)
+            body, status, ctype = f"scrape failed: {type(exc).__name__}\n".encode(), 500, "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # scrapes are not worth a line in the training log
 
 
 # Probes still open, closed on an uncaught exception (before any atexit handler, so that W&B's

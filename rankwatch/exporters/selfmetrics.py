@@ -11,20 +11,19 @@ instead of starting a second call behind the first.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import queue
 import resource
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from rankwatch import __version__
+from rankwatch.daemonpool import DaemonPool
 from rankwatch.exporters.base import Collector
 
 log = logging.getLogger(__name__)
@@ -40,36 +39,6 @@ class CollectorRun:
     success: bool
 
 
-class _Worker:
-    """One daemon thread running one call at a time (daemon: a call stuck in the kernel or
-    driver must not keep the process from exiting)."""
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        fut: Future = Future()
-        self._queue.put((fut, fn))
-        return fut
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, fn = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # handed to the scrape that waits for it
-                    fut.set_exception(exc)
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-
 class CollectorRunner:
     """Runs every collector once per scrape, each given at most ``timeout`` seconds."""
 
@@ -77,9 +46,13 @@ class CollectorRunner:
         names = [c.name for c in collectors]
         if len(set(names)) != len(names):
             raise ValueError(f"collector names must be unique, got {names}")
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN fails every comparison
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.collectors = list(collectors)
         self.timeout = timeout
-        self._workers = {c.name: _Worker(f"rankwatch-collector-{c.name}") for c in collectors}
+        # one daemon thread per collector (a call stuck in the kernel or driver must not keep
+        # the process from exiting, nor queue a second call behind it on another thread)
+        self._workers = {c.name: DaemonPool(1, f"rankwatch-collector-{c.name}") for c in collectors}
         self._stuck: dict[str, tuple[Future, float]] = {}
         self._logged: dict[str, str] = {}
 
@@ -122,7 +95,7 @@ class CollectorRunner:
 
     def close(self) -> None:
         for w in self._workers.values():
-            w.stop()
+            w.close()
         for c in self.collectors:
             try:
                 c.close()

@@ -1,13 +1,14 @@
-"""The common part of rankwatch's local stand-ins for JSON HTTP APIs (Grafana, AMP): a threaded
-server on 127.0.0.1 and a free port, started and stopped as a context manager, and one handler
+"""The common part of rankwatch's local stand-ins for JSON HTTP APIs (Grafana, AMP): a server
+(rankwatch.httpserver) on 127.0.0.1 and a free port, started and stopped as a context manager, and one handler
 that reads the request and writes what the subclass's :meth:`LocalJsonApi.respond` returns."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from rankwatch.httpserver import SIM_LIMITS, HttpServer
 
 METHODS = ("GET", "POST", "PUT", "DELETE")
 
@@ -19,22 +20,23 @@ class LocalJsonApi:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, int]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._handler_class = self._handler()
+        self._server: HttpServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._server is not None, "use the fake as a context manager"
+        return self._server.url
 
     def __enter__(self) -> Any:
-        self._thread.start()
+        # rankwatch's own server (rankwatch.httpserver), as every endpoint rankwatch runs
+        self._server = HttpServer("127.0.0.1", 0, self._handler_class, limits=SIM_LIMITS,
+                                  name=f"rankwatch-sim-{type(self).__name__.lower()}")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._server is not None:
+            self._server.stop()
 
     def respond(self, method: str, path: str, headers: dict[str, str],
                 raw: bytes) -> tuple[int, Any, dict[str, str]]:

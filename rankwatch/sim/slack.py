@@ -3,13 +3,15 @@ rankwatch uses, for tests and the demo: the real slack_sdk clients talk to it un
 (``WebClient(base_url=server.api_url)``, ``WebhookClient(server.webhook_url)``).
 
 Web API methods: ``auth.test``, ``chat.postMessage`` (threads, metadata), ``chat.update``,
-``conversations.history`` (with metadata), and the ``files_upload_v2`` sequence
+``conversations.history`` and ``conversations.replies`` (with metadata), and the ``files_upload_v2`` sequence
 (``files.getUploadURLExternal`` → POST to the returned upload URL → ``files.completeUploadExternal``).
 Webhooks: POST ``/services/...`` answers ``ok`` like Slack.
 
 It records every request and every message, checks the bearer token and Block Kit limits the
 way Slack does (``invalid_auth``, ``invalid_blocks``), and can be told to answer the next N
-requests with 429 + ``Retry-After`` or with 500."""
+requests with 429 + ``Retry-After`` or with 500, or to be slow: ``hold()`` processes and records
+matching requests but keeps their answers back until ``release()`` (a Slack that posts the
+message and answers after the client's timeout)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from rankwatch.httpserver import SIM_LIMITS, HttpServer
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Message:
     via: str = "api"  # api | webhook
     edits: list[dict[str, Any]] = field(default_factory=list)  # earlier versions, oldest first
     files: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[dict[str, Any]] | None = None  # legacy attachments (what Alertmanager sends)
 
 
 class SlackServer:
@@ -65,12 +70,13 @@ class SlackServer:
         self.requests: list[RecordedRequest] = []
         self.messages: list[Message] = []
         self.uploads: dict[str, dict[str, Any]] = {}
-        # [remaining count, status, retry_after, path predicate]
+        # [remaining count, status, retry_after, path predicate, Web API error code]
         self._faults: list[list[Any]] = []
+        self._holds: list[Callable[[str], bool]] = []
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
         # Called (in the request's thread) after every request has been recorded and answered:
         # `rankwatch sim slack` rewrites its --dump file there.
         self.on_request: Callable[[RecordedRequest], None] | None = None
@@ -90,20 +96,14 @@ class SlackServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-sim", daemon=True)
-        self._thread.start()
+        self._server = HttpServer(self._host, self._port, Handler, limits=SIM_LIMITS, name="rankwatch-sim-slack")
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def __enter__(self) -> SlackServer:
         return self.start()
@@ -128,10 +128,12 @@ class SlackServer:
     # -- fault injection ---------------------------------------------------------------------
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None,
-                  match: Callable[[str], bool] | None = None) -> None:
-        """Answer the next ``n`` matching requests (by path) with ``status`` (429 adds Retry-After)."""
+                  match: Callable[[str], bool] | None = None, error: str | None = None) -> None:
+        """Answer the next ``n`` matching requests (by path) with ``status`` (429 adds Retry-After);
+        Web API calls get ``{"ok": false, "error": error}`` (default by status), e.g.
+        ``fail_next(1, 200, error="missing_scope")``."""
         with self._lock:
-            self._faults.append([n, status, retry_after, match or (lambda _p: True)])
+            self._faults.append([n, status, retry_after, match or (lambda _p: True), error])
 
     def fail_always(self, status: int = 500) -> None:
         self.fail_next(10**9, status)
@@ -139,6 +141,19 @@ class SlackServer:
     def heal(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def hold(self, match: Callable[[str], bool] | None = None) -> None:
+        """Process and record matching requests (by path) as usual, but answer them only after
+        ``release()``: the client sees a timeout although Slack did the work."""
+        with self._lock:
+            self._released.clear()
+            self._holds.append(match or (lambda _p: True))
+
+    def release(self) -> None:
+        """Answer the held requests now, and stop holding."""
+        with self._lock:
+            self._holds.clear()
+            self._released.set()
 
     # -- inspection ----------------------------------------------------------------------------
 
@@ -181,6 +196,9 @@ class SlackServer:
         rec = RecordedRequest(h.command, parsed.path, headers, body, params, status, error=error)
         with self._lock:
             self.requests.append(rec)
+            held = any(match(parsed.path) for match in self._holds)
+        if held:
+            self._released.wait()
         data = payload if isinstance(payload, bytes) else (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         h.send_response(status)
         is_text = isinstance(payload, str | bytes)
@@ -195,7 +213,7 @@ class SlackServer:
 
     def _fault_for(self, path: str) -> tuple[int | None, Any, dict[str, str]]:
         with self._lock:
-            for i, (left, status, retry_after, match) in enumerate(self._faults):
+            for i, (left, status, retry_after, match, error) in enumerate(self._faults):
                 if match(path):
                     if left <= 1:
                         del self._faults[i]
@@ -204,7 +222,7 @@ class SlackServer:
                     headers = {"Retry-After": str(int(retry_after if retry_after is not None else 1))} if status == 429 else {}
                     body: Any = "rate_limited" if status == 429 else "internal_error"
                     if path.startswith("/api/"):
-                        body = {"ok": False, "error": "ratelimited" if status == 429 else "internal_error"}
+                        body = {"ok": False, "error": error or ("ratelimited" if status == 429 else "internal_error")}
                     return status, body, headers
         return None, None, {}
 
@@ -238,13 +256,13 @@ class SlackServer:
             payload = json.loads(body or b"{}")
         except ValueError:
             return 400, "invalid_payload", {}
-        if not payload.get("text") and not payload.get("blocks"):
+        if not payload.get("text") and not payload.get("blocks") and not payload.get("attachments"):
             return 400, "no_text", {}
         if payload.get("blocks") is not None and not _blocks_ok(payload["blocks"]):
             return 400, "invalid_blocks", {}
         with self._lock:
             self.messages.append(Message(self.channel, self._next_ts(), payload.get("text", ""), payload.get("blocks"),
-                                         via="webhook"))
+                                         via="webhook", attachments=payload.get("attachments")))
         return 200, "ok", {}
 
     # Web API methods -----------------------------------------------------------------------------
@@ -306,6 +324,22 @@ class SlackServer:
         out = []
         for m in reversed(msgs):
             d: dict[str, Any] = {"type": "message", "ts": m.ts, "text": m.text}
+            if m.metadata and str(p.get("include_all_metadata")).lower() in ("1", "true"):
+                d["metadata"] = m.metadata
+            out.append(d)
+        return {"ok": True, "messages": out, "has_more": False}
+
+    def _api_conversations_replies(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("channel") != self.channel:
+            return {"ok": False, "error": "channel_not_found"}
+        with self._lock:
+            parent = [m for m in self.messages if m.ts == p.get("ts") and m.thread_ts is None]
+            if not parent:
+                return {"ok": False, "error": "thread_not_found"}
+            msgs = parent + [m for m in self.messages if m.thread_ts == p.get("ts")]
+        out = []
+        for m in msgs:
+            d: dict[str, Any] = {"type": "message", "ts": m.ts, "text": m.text, "thread_ts": p.get("ts")}
             if m.metadata and str(p.get("include_all_metadata")).lower() in ("1", "true"):
                 d["metadata"] = m.metadata
             out.append(d)

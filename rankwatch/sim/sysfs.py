@@ -399,6 +399,45 @@ class FakeEfaSysfs:
                 if name == "wedged":
                     self._release_fifo(self._counter_path(dev, str(params["counter"])))
 
+    # ------------------------------------------------------------------ odd names
+    def rename_device(self, device: str | int, name: str | bytes) -> str:
+        """Rename a device as ``rdma dev set DEV name NAME`` does: the device directory and its
+        ``class/infiniband`` link both take the new name. The kernel accepts any bytes but
+        ``/`` (up to 63), so ``name`` may be bytes that are not UTF-8. Returns the name as
+        ``os.listdir()`` reports it (undecodable bytes as lone surrogates)."""
+        dev = self._device(device)
+        new = os.fsdecode(name)
+        if not new or "/" in new or len(os.fsencode(new)) > 63:
+            raise ValueError(f"{name!r}: an RDMA device name is 1-63 bytes without '/'")
+        new_path = dev.path.with_name(new)
+        dev.path.rename(new_path)
+        (self.class_dir / dev.name).unlink()
+        (self.class_dir / new).symlink_to(os.path.relpath(new_path, self.class_dir))
+        self._lengths = {new_path / p.relative_to(dev.path) if p.is_relative_to(dev.path) else p: n
+                         for p, n in self._lengths.items()}
+        old = dev.name
+        dev.name, dev.path = new, new_path
+        self._devices = {(new if k == old else k): v for k, v in self._devices.items()}  # same order
+        return new
+
+    def add_port(self, device: str | int, port: str | bytes) -> Path:
+        """A second port directory named ``port`` holding copies of port 1's counters (no kernel
+        names a port other than 1..N: this is what a broken driver or a tampered tree shows)."""
+        dev = self._device(device)
+        src = dev.path / "ports" / "1"
+        dst = dev.path / "ports" / os.fsdecode(port)
+        shutil.copytree(src, dst, symlinks=True)
+        return dst
+
+    def add_file(self, device: str | int, name: str | bytes, content: str = "0\n", *, port: str | None = "1") -> Path:
+        """A stray file named ``name`` in a port's (or, with ``port=None``, the device's)
+        ``hw_counters`` directory."""
+        dev = self._device(device)
+        base = dev.path / "hw_counters" if port is None else dev.path / "ports" / port / "hw_counters"
+        path = base / os.fsdecode(name)
+        self._write(path, content)
+        return path
+
     def _device(self, device: str | int) -> _Device:
         if isinstance(device, int):
             try:

@@ -30,6 +30,9 @@ install -m 0644 "$DEPLOY/rankwatch.default" /etc/default/rankwatch
 if nvidia-smi -L >/dev/null 2>&1; then
     # Compute node.
     install -m 0644 "$DEPLOY/rankwatch-node-exporter.service" /etc/systemd/system/
+    # The job mapping directory under /run (a tmpfs): at every boot, and now.
+    install -m 0644 "$DEPLOY/rankwatch.tmpfiles.conf" /etc/tmpfiles.d/rankwatch.conf
+    systemd-tmpfiles --create /etc/tmpfiles.d/rankwatch.conf
     install -d "$SLURM_ETC/prolog.d" "$SLURM_ETC/epilog.d"
     install -m 0755 "$DEPLOY/prolog.sh" "$SLURM_ETC/prolog.d/50-rankwatch.sh"
     install -m 0755 "$DEPLOY/epilog.sh" "$SLURM_ETC/epilog.d/50-rankwatch.sh"
