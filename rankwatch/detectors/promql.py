@@ -141,6 +141,9 @@ def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
             # CPU and half the decoding; in a range query the aggregation at every step costs
             # more than it saves.
             out.append(Query(q.name, f"max by (__name__, Hostname, gpu) ({q.expr})"))
+        elif q.name == RANK_INFO_NOW:
+            # Only the join's key: the identity labels come with rank_info_seen already.
+            out.append(Query(q.name, f"max by (run, rank, node, instance) ({q.expr})"))
         elif g is None or len(groups[g]) == 1:
             out.append(q)
         elif g not in done:
