@@ -106,7 +106,12 @@ class Query:
 # Label that tags the rows of a merged instant query with the name of their own query.
 QUERY_TAG = "rankwatch_query"
 NIC_SEEN = "nic_seen"
+RANK_INFO_SEEN = "rank_info_seen"
 RANK_INFO_NOW = "rank_info_now"
+# The live form of the two rank-info queries in one: every rank seen over the lookback, with the
+# time of its latest sample where that sample is in its target's last scrape, else 0. Same
+# labels on both sides of `or`: one row per rank. ``source`` splits it by value, not by tag.
+RANK_INFO_BOTH = "rank_info"
 
 
 def _instant_group(name: str) -> str | None:
@@ -141,9 +146,12 @@ def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
             # CPU and half the decoding; in a range query the aggregation at every step costs
             # more than it saves.
             out.append(Query(q.name, f"max by (__name__, Hostname, gpu) ({q.expr})"))
+        elif q.name == RANK_INFO_SEEN and any(x.name == RANK_INFO_NOW for x in queries):
+            now = next(x for x in queries if x.name == RANK_INFO_NOW)
+            # One request instead of two (both are over every rank): see RANK_INFO_BOTH.
+            out.append(Query(RANK_INFO_BOTH, f"{now.expr} or 0 * {q.expr}", (RANK_INFO_SEEN, RANK_INFO_NOW)))
         elif q.name == RANK_INFO_NOW:
-            # Only the join's key: the identity labels come with rank_info_seen already.
-            out.append(Query(q.name, f"max by (run, rank, node, instance) ({q.expr})"))
+            continue  # answered by RANK_INFO_BOTH
         elif g is None or len(groups[g]) == 1:
             out.append(q)
         elif g not in done:
@@ -187,7 +195,7 @@ def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: f
     qs = [
         # Ranks: rankwatch_rank_info is the registry. A rank is fresh when its step counter has
         # samples in the window (rate() needs two): no separate freshness query.
-        Query("rank_info_seen", f"last_over_time({RANK_INFO}[{lb}])"),
+        Query(RANK_INFO_SEEN, f"last_over_time({RANK_INFO}[{lb}])"),
         # Time of each rank's latest info sample: its endpoint answers for that rank when it is
         # inside the window. Live, a series missing from its target's last scrape (the process
         # exited or was stopped, or the port now serves another run) is marked stale and drops

@@ -32,7 +32,9 @@ from rankwatch.detectors.promql import (
     NODE_INFO,
     QUERY_TAG,
     RANK_GAUGES,
+    RANK_INFO_BOTH,
     RANK_INFO_NOW,
+    RANK_INFO_SEEN,
     Query,
     build_queries,
     merge_for_instant,
@@ -448,6 +450,11 @@ class PromSource:
                 continue
             if not q.parts:
                 results[q.name] = rows
+                continue
+            if q.name == RANK_INFO_BOTH:
+                # every row is a rank seen; those with a time are in their target's last scrape
+                results[RANK_INFO_SEEN] = rows
+                results[RANK_INFO_NOW] = [(labels, points) for labels, points in rows if points and points[0][1] > 0]
                 continue
             split: dict[str, list[Series]] = {name: [] for name in q.parts}
             for labels, points in rows:
