@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := prometheus prometheus-alertmanager victoria-metrics prometheu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv test lint demo dashboards docs bench gpu-check clean
+.PHONY: all setup system-deps venv test lint demo rules dashboards docs bench gpu-check clean
 
 all: test
 
@@ -48,7 +48,11 @@ test: setup
 demo: setup
 	$(PY) -m rankwatch demo $(DEMO_ARGS)
 
-dashboards: venv
+# The XID and EFA alerts are written from the detector's own tables (rankwatch/rulegen.py).
+rules: venv
+	$(PY) -m rankwatch.rulegen
+
+dashboards: rules
 	$(PY) -m rankwatch dashboards generate --out dashboards --kubernetes-out deploy/kubernetes/base/generated
 
 docs: venv

@@ -66,7 +66,7 @@ def measure(n: int, layout: bool, repeat: int) -> dict[str, float]:
         extract(s.ranks, cfg, s.window_s)
         cpu_extract.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()
-        score_ranks(s.ranks, cfg, s.window_s, core.compute_basis, core.smooth)
+        score_ranks(s.ranks, cfg, s.window_s, core.compute_basis, core.evidence, 15.0)
         times_stats.append(time.perf_counter() - t)
         cpu_stats.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()

@@ -9,6 +9,7 @@ either way and never guess a path relative to the current working directory.
 
 from __future__ import annotations
 
+import argparse
 from importlib import resources
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def rule_files() -> list[Path]:
     if not files:
         raise InputError(f"no rule files (rankwatch-*.yml) in {asset_dir('alerts')}")
     return files
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "assets", help="print where the alert rules, runbooks, dashboards and examples are",
+        description="Print the directory of rankwatch's declarative artifacts (from the checkout, or the "
+                    "copy inside the installed package), e.g. "
+                    "`cp \"$(rankwatch assets examples)/detector.toml\" .` or "
+                    "`promtool check rules \"$(rankwatch assets alerts)\"/rankwatch-*.yml`.")
+    p.add_argument("name", nargs="?", choices=sorted(ASSETS),
+                   help="one artifact directory to print (default: every one, as `name<TAB>path`)")
+    p.set_defaults(func=_print)
+
+
+def _print(args: argparse.Namespace) -> int:
+    if args.name:
+        print(asset_dir(args.name))
+    else:
+        for name in ASSETS:
+            print(f"{name}\t{asset_dir(name)}")
+    return 0

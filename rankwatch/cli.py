@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rankwatch.sim.cli",
     "rankwatch.gpucheck.cli",
     "rankwatch.demo",
+    "rankwatch.assets",
 )
 
 

@@ -18,6 +18,10 @@ import requests
 
 from rankwatch.errors import RankwatchError
 
+# How long to wait for a server to answer or for data to appear before calling it failed. Only a
+# dead end waits this long: on a busy machine start-up takes seconds, so keep it generous.
+STARTUP_TIMEOUT_S = 120.0
+
 # Debian names Alertmanager's binary prometheus-alertmanager.
 BINARY_CANDIDATES: dict[str, tuple[str, ...]] = {
     "prometheus": ("prometheus",),
@@ -47,7 +51,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_http_ok(url: str, timeout: float = STARTUP_TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     last: str = ""
     while time.monotonic() < deadline:
@@ -116,7 +120,7 @@ def start_prometheus(
     port: int | None = None,
     extra_args: list[str] | None = None,
     files: dict[str, str] | None = None,
-    timeout: float = 30.0,
+    timeout: float = STARTUP_TIMEOUT_S,
 ) -> ManagedProcess:
     """Start a real Prometheus on 127.0.0.1 with ``config_yaml`` (and any ``files`` it refers to,
     written next to it). Returns once /-/ready answers."""
@@ -152,7 +156,7 @@ def start_prometheus(
 
 
 def start_alertmanager(config_yaml: str, *, workdir: str | os.PathLike[str] | None = None,
-                       port: int | None = None, timeout: float = 30.0) -> ManagedProcess:
+                       port: int | None = None, timeout: float = STARTUP_TIMEOUT_S) -> ManagedProcess:
     owns = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="rankwatch-am-"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -177,7 +181,7 @@ def start_alertmanager(config_yaml: str, *, workdir: str | os.PathLike[str] | No
 
 
 def start_victoria_metrics(*, workdir: str | os.PathLike[str] | None = None, port: int | None = None,
-                           extra_args: list[str] | None = None, timeout: float = 30.0) -> ManagedProcess:
+                           extra_args: list[str] | None = None, timeout: float = STARTUP_TIMEOUT_S) -> ManagedProcess:
     owns = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="rankwatch-vm-"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,7 @@ def query(url: str, promql: str, time_s: float | None = None, timeout: float = 1
     return body["data"]["result"]
 
 
-def wait_for_series(url: str, promql: str, *, min_series: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
+def wait_for_series(url: str, promql: str, *, min_series: int = 1, timeout: float = STARTUP_TIMEOUT_S) -> list[dict[str, Any]]:
     """Poll until ``promql`` returns at least ``min_series`` series (scrapes take an interval)."""
     deadline = time.monotonic() + timeout
     result: list[dict[str, Any]] = []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,92 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Slack, Alertmanager
+    or Prometheus. ``accepted`` counts connections; ``close()`` resets them all, so that a
+    client stuck waiting for an answer fails at once instead of at its timeout."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.append(conn)
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        self._sock.close()
+        for c in conns:
+            c.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 120.0, every: float = 0.05) -> None:
+    """Poll ``condition`` until it is true. ``timeout`` only stops a test whose condition never
+    comes true (a hang, a lost message): it is not a speed requirement, so keep it generous."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:g} s for {what}")
+        time.sleep(every)
+
+
+def free_demo_prefix(nodes: int, gpus_per_node: int) -> str:
+    """A loopback prefix ``127.N`` whose demo ports are all free: every node's 9410 and
+    9420 + local rank. The machine is shared (another checkout's tests run demos too), so the
+    prefix is picked at random and checked, never fixed."""
+    import random
+
+    from rankwatch.demo.cluster import NODE_EXPORTER_PORT, PROBE_BASE_PORT
+    from rankwatch.demo.scenario import DemoConfig
+
+    for n in random.sample(range(70, 250), 180):
+        cfg = DemoConfig(nodes=nodes, gpus_per_node=gpus_per_node, address_prefix=f"127.{n}")
+        ports = [(cfg.node_address(i), p) for i in range(nodes)
+                 for p in (NODE_EXPORTER_PORT, *range(PROBE_BASE_PORT, PROBE_BASE_PORT + gpus_per_node))]
+        try:
+            for addr, port in ports:
+                with socket.socket() as s:
+                    s.bind((addr, port))
+        except OSError:
+            continue
+        return cfg.address_prefix
+    raise RuntimeError("no free loopback prefix for a demo")
+
+
 @pytest.fixture
 def slack() -> Iterator[Any]:
     """The local Slack Web API + webhook server (rankwatch.sim.slack), started for one test."""
@@ -70,3 +158,24 @@ def slack() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+def free_port_block(n: int) -> int:
+    """A base port with ``n`` consecutive free ports on 127.0.0.1 (probes serve base + LOCAL_RANK)."""
+    from rankwatch import promserver
+
+    for _ in range(50):
+        base = promserver.free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from conftest import scrape_config
+from conftest import scrape_config, wait_until
 
 from rankwatch import promserver
 from rankwatch.dashboards.build import render_all
@@ -25,7 +25,8 @@ KEYWORDS = {"by", "on", "without", "ignoring", "group_left"}
 
 
 def _substitute(expr: str, values: dict[str, str]) -> str:
-    for key, val in {"__rate_interval": "4s", "__interval": "1s", "__range": "10s", **values}.items():
+    # windows of ten 1 s scrapes: a late scrape on a busy machine still leaves several samples
+    for key, val in {"__rate_interval": "10s", "__interval": "1s", "__range": "10s", **values}.items():
         expr = expr.replace("$" + key, val)
     return expr
 
@@ -56,10 +57,22 @@ def test_dashboards_on_live_exporters(prometheus_factory, subprocess_env) -> Non
         # Prometheus starts while the exporter imports; failed first scrapes do not matter.
         prom = prometheus_factory(scrape_config({"rankwatch-node": [f"127.0.0.1:{node_port}"],
                                                  "rankwatch-probe": [f"127.0.0.1:{p.port}" for p in probes]}))
-        promserver.wait_http_ok(f"http://127.0.0.1:{node_port}/healthz", timeout=30, proc=exporter)
-        # Rates over 4 s need a few scrapes of every target.
-        promserver.wait_for_series(prom.url, "rate(node_amazonefa_tx_bytes[4s])", min_series=2, timeout=30)
-        promserver.wait_for_series(prom.url, "rate(rankwatch_steps_total[4s])", min_series=2, timeout=30)
+        promserver.wait_http_ok(f"http://127.0.0.1:{node_port}/healthz", proc=exporter)
+        # Every query is evaluated at one data time that every target's scrapes have reached,
+        # once the windows ending there hold a few scrapes of every target.
+        at = 0.0
+
+        def ready() -> bool:
+            nonlocal at
+            rows = promserver.query(prom.url, "min(timestamp(up))")
+            if not rows:
+                return False
+            at = float(rows[0]["value"][1])
+            counts = [promserver.query(prom.url, f"min(count_over_time({m}[10s]))", time_s=at)
+                      for m in ("node_amazonefa_tx_bytes", "DCGM_FI_DEV_GPU_TEMP", "rankwatch_steps_total")]
+            return all(c and float(c[0]["value"][1]) >= 3 for c in counts)
+
+        wait_until(ready, "three scrapes of every target")
         names = set(requests.get(f"{prom.url}/api/v1/label/__name__/values", timeout=5).json()["data"])
         values = {"run": "live-run", "node": ".*", "gpu": ".*", "device": ".*"}
         checked, empty = 0, []
@@ -67,7 +80,7 @@ def test_dashboards_on_live_exporters(prometheus_factory, subprocess_env) -> Non
             for panel in dashboard["panels"]:
                 for t in panel.get("targets", []):
                     expr = _substitute(t["expr"], values)
-                    result = promserver.query(prom.url, expr)  # raises on a parse error
+                    result = promserver.query(prom.url, expr, time_s=at)  # raises on a parse error
                     used = set(METRIC_NAME.findall(t["expr"])) - KEYWORDS
                     if used <= names and " > 0" not in expr and "== 1" not in expr and "== 0" not in expr:
                         checked += 1
@@ -78,7 +91,7 @@ def test_dashboards_on_live_exporters(prometheus_factory, subprocess_env) -> Non
         # The EFA join through rankwatch_node_info names this host.
         efa = promserver.query(prom.url, _substitute(next(
             t["expr"] for d in render_all().values() if d["uid"] == "rankwatch-efa-network"
-            for p in d["panels"] if p["title"] == "TX throughput" for t in p["targets"]), values))
+            for p in d["panels"] if p["title"] == "TX throughput" for t in p["targets"]), values), time_s=at)
         assert {r["metric"]["Hostname"] for r in efa} == {NODE}
     finally:
         stop.set()

@@ -145,7 +145,7 @@ def test_live_run_is_found_in_prometheus(monkeypatch, grafana, prometheus_factor
         old.record_step(1.0, {"forward": 0.5}, tokens=10, end_time=now - 600)
         new.record_step(1.0, {"forward": 0.5}, tokens=10, end_time=now)
         prom = prometheus_factory(scrape_config({"probes": [f"127.0.0.1:{p}" for p in ports]}))
-        wait_for_series(prom.url, "rankwatch_last_step_timestamp_seconds", min_series=2, timeout=20)
+        wait_for_series(prom.url, "rankwatch_last_step_timestamp_seconds", min_series=2)
         assert _push(monkeypatch, grafana, "--run-from-prometheus", prom.url) == 0
     finally:
         old.close()

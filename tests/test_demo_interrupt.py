@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_demo_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +49,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.timeout(1200)
 def test_ctrl_c_stops_every_process(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     args = [sys.executable, "-m", "rankwatch", "demo", "--plain", "--nodes", "2", "--gpus-per-node", "2",
-            "--efa-per-node", "1", "--address-prefix", "127.68", "--report-dir", str(tmp_path / "report")]
-    proc = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            "--efa-per-node", "1", "--address-prefix", free_demo_prefix(2, 2), "--report-dir", str(tmp_path / "report")]
+    # Ctrl-C as in a terminal: a test runner started in the background (no job control) hands
+    # its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # wait until the cluster, Prometheus and the detector are all running
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 600  # a hang guard: start-up takes seconds, longer on a busy machine
         tree: dict[int, str] = {}
         while time.monotonic() < deadline:
             tree = _children_tree(proc.pid)
@@ -68,7 +73,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, subprocess_env: dict[str, st
         time.sleep(1.0)
         tree = _children_tree(proc.pid)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -47,7 +47,7 @@ def test_xid79_gpu_lost_and_job_hang():
     assert ("gpu_fault", "critical", "gpu_lost") in firing  # series vanished, node still reports
     assert ("gpu_fault", "critical", "gpus_missing") not in firing  # the lost GPU is already named
     xid = next(e for e in events if e.evidence.get("problem") == "xid_critical")
-    assert xid.evidence["xids"] == {"79": 1.0} and "fell off the bus" in xid.summary
+    assert xid.evidence["xids"] == {"79": 1.0} and "fallen off the bus" in xid.summary
     hang = [e for e in events if e.kind == "hang"]
     assert len(hang) == 1 and hang[0].state == "firing" and hang[0].run == "sim-run"
     # no step for longer than hang_min_s while every endpoint still answers
@@ -56,11 +56,17 @@ def test_xid79_gpu_lost_and_job_hang():
     assert not [e for e in events if e.kind == "straggler"]
 
 
-def test_double_bit_ecc_is_critical_and_resolves():
+def test_double_bit_ecc_is_critical_and_resolves_after_the_gpu_reset():
+    # end_s is the GPU reset that applies the pending row remap
     events = run(scenario("dbe", [Fault("dbe", node=0, gpu=3, start_s=150, end_s=240, magnitude=2)]))
     mem = [e for e in events if e.evidence.get("problem") == "memory"]
-    assert [e.state for e in mem] == ["firing", "resolved"] or mem[0].state == "firing"
+    assert [e.state for e in mem] == ["firing", "resolved"]
     assert mem[0].severity == "critical" and mem[0].evidence["dbe_increase"] == 2.0
+    assert mem[0].evidence["remap_pending"] == 1.0
+    # fires in the first window that holds the errors; resolves after gpu_resolve_windows clean ones
+    resolve_s = DetectorConfig().gpu_resolve_windows * DetectorConfig().interval_s
+    assert mem[0].time - T0 == 150
+    assert 240 + resolve_s - 15 <= mem[1].time - T0 <= 240 + resolve_s + 15
     assert {e.kind for e in events} == {"gpu_fault"}
 
 
@@ -93,11 +99,13 @@ def test_vanished_gpu_is_remembered_but_a_silent_node_is_not_a_gpu_fault():
 
 def test_xid_classes_and_gpu_count():
     core = DetectorCore()
-    gpus = [_gpu("a", "0", xid_increase={13: 1.0}), _gpu("a", "1", xid_increase={94: 2.0}), _gpu("a", "2")]
+    # XID 13 comes from the application: nothing; 94 (contained ECC) is a warning, 95 critical
+    gpus = [_gpu("a", "0", xid_increase={13: 1.0}), _gpu("a", "1", xid_increase={94: 2.0}),
+            _gpu("a", "2", xid_increase={95: 1.0})]
     nodes = [NodeObs(node="a", gpus_expected=4, gpus_answering=3)]
     ev = core.evaluate(Snapshot(time=T0, window_s=15, gpus=gpus, nodes=nodes))
     got = sorted((e.gpu or "-", e.severity, e.evidence["problem"]) for e in ev)
-    assert got == [("-", "critical", "gpus_missing"), ("0", "warning", "xid_other"), ("1", "critical", "xid_critical")]
+    assert got == [("-", "critical", "gpus_missing"), ("1", "warning", "xid_other"), ("2", "critical", "xid_critical")]
 
 
 def test_efa_degradation_names_node_and_device():
@@ -108,12 +116,14 @@ def test_efa_degradation_names_node_and_device():
     assert not [e for e in events if e.kind == "straggler"]
 
 
-def test_fleet_wide_efa_noise_and_single_blips_raise_nothing():
+def test_efa_errors_within_the_traffic_and_single_blips_raise_nothing():
     core = DetectorCore()
     events = []
     for k in range(10):
-        # every node retransmits a little; node c has one blip of 50 in one window
-        nics = [NicObs(node=n, device="rdmap0", increase={"retrans_pkts": 20.0 + (50.0 if (n, k) == ("c", 4) else 0)})
+        # every node retransmits a little (2.5 per million packets); node c has one window over the
+        # threshold (65 per million): one window is no episode (network_persist_windows)
+        nics = [NicObs(node=n, device="rdmap0", increase={"retrans_pkts": 20.0 + (500.0 if (n, k) == ("c", 4) else 0),
+                                                          "tx_pkts": 4e6, "rx_pkts": 4e6})
                 for n in "abcd"]
         events += core.evaluate(Snapshot(time=T0 + 15 * k, window_s=15, nics=nics))
     assert events == []
@@ -185,7 +195,8 @@ def test_hardware_events_name_the_run_and_rank_on_the_node_and_keep_their_ids():
         ranks += [RankObs(run="alpha", rank=0, node="a", gpu_uuid="GPU-a3")]
         ranks += [RankObs(run="big", rank=r, node="b", gpu=str(r - 3)) for r in range(3, 7)]
         gpus = [GpuObs(node="a", gpu="3", uuid="GPU-a3", dbe_increase=dbe), GpuObs(node="a", gpu="1")]
-        nics = [NicObs(node=n, device="rdmap0", increase={"retrans_pkts": 500.0 if n == "a" and 2 <= k < 4 else 0.0})
+        nics = [NicObs(node=n, device="rdmap0", increase={"retrans_pkts": 500.0 if n == "a" and 2 <= k < 4 else 0.0,
+                                                          "tx_pkts": 1e6, "rx_pkts": 1e6})
                 for n in "abcd"]
         return Snapshot(time=T0 + 15 * k, window_s=15, ranks=ranks, gpus=gpus, nics=nics)
 

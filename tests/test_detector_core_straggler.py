@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from rankwatch.detectors.config import DetectorConfig
@@ -170,27 +171,37 @@ def test_config_thresholds_are_honoured():
     sc = scenario("slow10", [Fault("slowdown", rank=6, start_s=150, magnitude=0.1)])
     strict = dataclasses.replace(DetectorConfig(), min_slowdown=0.15)
     assert run(sc, strict)[0] == []
-    late = dataclasses.replace(DetectorConfig(), persist_windows=6)
+    base = DetectorConfig()
+    late = dataclasses.replace(base, cusum_min_duration_s=tuple(3 * d for d in base.cusum_min_duration_s))
+    high = dataclasses.replace(base, cusum_thresholds_s=(8.0, 8.0, 8.0))
     e_default = run(sc)[0][0]
     e_late = run(sc, late)[0][0]
-    assert e_late.time - e_default.time == pytest.approx(3 * 15)
+    e_high = run(sc, high)[0][0]
+    assert e_default.rank == e_late.rank == e_high.rank == 6
+    # the small chart must now rise for 135 s instead of 45 s before it may fire
+    assert e_late.time - e_default.time >= 6 * 15
+    # a 10 % straggler adds (10 % - 3 %) x 15 s = 1 s of evidence per window to the small chart
+    assert e_high.time - e_default.time >= 5 * 15
 
 
-def test_smoothed_history_never_flags_a_rank_that_is_not_slower_now():
+def test_chart_memory_never_flags_a_rank_that_is_not_slower_now():
     import numpy as np
 
-    from rankwatch.detectors.straggler import RankTable, score_ranks
+    from rankwatch.detectors.straggler import RankTable, evidence_width, score_ranks
 
     cfg = DetectorConfig(warmup_s=0.0)
-    # rank 0 was slow for a long time (its slow signal is saturated), now it is 1 % *faster*
+    # rank 0 was slow for a long time (its charts are far over their thresholds), now it is
+    # 1 % *faster* than its peers
     vals = {r: 1.0 + 0.001 * r for r in range(16)}
     vals[0] = 0.99
     snap = _snap(T0, vals)
-    prev = RankTable()
+    # every chart and every count of rising evaluations far over what fires, noise memory 1 %
+    prev = RankTable(evidence_width(cfg))
     ranks = np.arange(16)
-    prev.put(["r"], np.zeros(16, np.int64), ranks, np.where(ranks == 0, cfg.smooth_clip, 0.0))
-    sc = score_ranks(snap.ranks, cfg, 15.0, smooth_prev=prev)
-    assert sc.z_smooth[0] >= cfg.z_threshold and sc.rel_compute[0] < 0  # the memory alone is high
+    one = np.array([100.0] * 6 + [0.01])
+    prev.put(["r"], np.zeros(16, np.int64), ranks, np.where(ranks[:, None] == 0, np.tile(one, 2), np.nan))
+    sc = score_ranks(snap.ranks, cfg, 15.0, evidence_prev=prev)
+    assert sc.evidence[0, :3].min() > 90 and sc.rel_compute[0] < 0  # the memory alone is high
     assert not sc.flagged.any()
 
 
@@ -229,3 +240,82 @@ def test_episode_resolves_after_resolve_windows_not_when_the_slow_signal_has_dec
         res = _feed(core, [_snap(T0 + 15 * (20 + k), cured) for k in range(12)])
         assert [(e.state, e.rank) for e in res] == [("resolved", 0)]
         assert res[0].time == T0 + 15 * (20 + resolve - 1)
+
+
+def test_rank_slow_from_the_first_step_without_layout_labels_is_found():
+    # rank 3 (first stage, 8 % heavier) is 11 % slower from t = 0: its own long-run time sits
+    # right at the last stage's (20 % heavier), so clustering by time alone puts it there
+    slow = [Fault("slowdown", rank=3, start_s=0.0, magnitude=0.11)]
+    events, _ = run(scenario("nolayout-slow-from-start", slow, pp_labels=False, duration=600.0))
+    strag = [(e.kind, e.state, e.rank) for e in events if e.kind == "straggler"]
+    assert strag == [("straggler", "firing", 3)]
+    fire = next(e for e in events if e.kind == "straggler")
+    assert "cluster" in fire.evidence["peer_group"] and 0.08 < fire.evidence["compute_slowdown"] < 0.14
+    # the same job without the slow rank: the heavier stages raise nothing
+    assert run(scenario("nolayout-healthy", pp_labels=False, duration=600.0))[0] == []
+
+
+def _interleaved(t: float, slow: dict[int, float]) -> Snapshot:
+    """16 ranks without layout labels whose pipeline stage is rank % 4 (interleaved), stages
+    8 %, 0, 0 and 20 % heavier, 0.3 % per-rank noise."""
+    rng = np.random.default_rng(int(t))
+    weight = {0: 1.08, 1: 1.0, 2: 1.0, 3: 1.2}
+    ranks = []
+    for r in range(16):
+        c = weight[r % 4] * slow.get(r, 1.0) * (1 + rng.normal(0, 0.003))
+        ranks.append(RankObs(run="il", rank=r, node=f"n{r // 4}", up=True, steps_rate=1.0, step_seconds=1.5,
+                             sections={"forward": c / 3, "backward": 2 * c / 3, "comm": 1.5 - c}))
+    return Snapshot(time=t, window_s=15.0, ranks=ranks)
+
+
+def test_interleaved_stages_without_labels_warn_once_and_raise_nothing(caplog):
+    core = DetectorCore(DetectorConfig(warmup_s=0.0))
+    # rank 5 (stage 1) is 8 % slower from the start: indistinguishable from stage 0 here
+    with caplog.at_level("WARNING", logger="rankwatch.detectors.core"):
+        events = _feed(core, [_interleaved(T0 + 15 * k, {5: 1.08}) for k in range(30)])
+    assert events == []
+    warnings = [r.getMessage() for r in caplog.records if "layout labels" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "run il" in warnings[0] and "RANKWATCH_PP_SIZE" in warnings[0] and "pp=" in warnings[0]
+    # a rank that slows down later is still found against its own stage's cluster
+    later = _feed(core, [_interleaved(T0 + 15 * k, {5: 1.08, 6: 1.3}) for k in range(30, 40)])
+    assert [(e.state, e.rank) for e in later] == [("firing", 6)]
+
+
+@pytest.mark.parametrize("offset", [0.0, 4.0, 7.5, 11.0])
+def test_spikes_once_a_minute_at_any_offset_raise_nothing(offset):
+    # +50 % for 15 s, once a minute, five times: straddling the window grid or not
+    spikes = [Fault("spike", rank=5, start_s=150 + offset + 60 * k, end_s=165 + offset + 60 * k, magnitude=0.5)
+              for k in range(5)]
+    assert run(scenario("spikes-offset", spikes, scrape_s=15.0, duration=540.0))[0] == []
+
+
+def test_a_bigger_slowdown_fires_sooner():
+    # onset off the 15 s evaluation grid; scraped every 15 s
+    delays = {}
+    for pct in (5, 20, 50):
+        sc = scenario(f"slow{pct}", [Fault("slowdown", rank=9, start_s=157.3, magnitude=pct / 100)], scrape_s=15.0)
+        fired = [e for e in run(sc)[0] if e.kind == "straggler" and e.state == "firing"]
+        assert [e.rank for e in fired] == [9]
+        delays[pct] = fired[0].time - T0 - 157.3
+    assert delays[50] < delays[20] < delays[5]
+    assert delays[50] <= 30 and delays[20] <= 60 and delays[5] <= 600
+
+
+def test_saved_charts_of_another_chart_configuration_start_afresh():
+    cfg = DetectorConfig(warmup_s=0.0)
+    vals = {r: 1.0 + 0.001 * r for r in range(8)}
+    slow = {**vals, 2: 1.3}
+    core = DetectorCore(cfg)
+    _feed(core, [_snap(T0 + 15 * k, slow) for k in range(2)])  # evidence builds, nothing fires yet
+    state = json.loads(json.dumps(core.export_state()))
+    other = dataclasses.replace(cfg, cusum_slowdowns=(0.1, 0.3), cusum_thresholds_s=(0.0, 4.5),
+                                cusum_min_duration_s=(45.0, 15.0))
+    restarted = DetectorCore(other)
+    restarted.import_state(state)  # no error: the old charts are simply not used
+    assert restarted.evidence.data == {}
+    fired = _feed(restarted, [_snap(T0 + 15 * k, slow) for k in range(2, 8)])
+    assert [(e.state, e.rank) for e in fired] == [("firing", 2)]
+    same = DetectorCore(cfg)
+    same.import_state(state)
+    assert set(same.evidence.data) == {"r"}

@@ -7,37 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, scrape_config
+from conftest import REPO, free_port_block, scrape_config
 
 from rankwatch import promserver
+from rankwatch.detectors.config import DetectorConfig
 
 SLOW_RANK = 2
-
-
-def free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive free ports (the probe example serves base + LOCAL_RANK)."""
-    for _ in range(50):
-        base = promserver.free_port()
-        if base + n >= 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -73,6 +54,7 @@ def start_slow_job(env: dict[str, str], tmp_path: Path, probe_base: int, run_id:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_path: Path, subprocess_env) -> None:
     env = dict(subprocess_env, RANKWATCH_NODE="simnode-0", OMP_NUM_THREADS="1")
     node_port = promserver.free_port()
@@ -85,8 +67,8 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
             "node-exporters": [f"127.0.0.1:{node_port}"],
             "training": [f"127.0.0.1:{probe_base + i}" for i in range(4)],
         }, interval="500ms"))
-        promserver.wait_for_series(prom.url, "rankwatch_steps_total > 0", min_series=4, timeout=90)
-        promserver.wait_for_series(prom.url, "DCGM_FI_DEV_SM_CLOCK", min_series=8, timeout=30)
+        promserver.wait_for_series(prom.url, "rankwatch_steps_total > 0", min_series=4)
+        promserver.wait_for_series(prom.url, "DCGM_FI_DEV_SM_CLOCK", min_series=8)
         cfg = tmp_path / "detector.toml"
         cfg.write_text("[detector]\ninterval_s = 1.0\nwindow_s = 3.0\nwarmup_s = 3.0\n")
         events_file = tmp_path / "events.jsonl"
@@ -97,7 +79,7 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
             env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "detector.log", "w"), text=True,
             start_new_session=True)
         firing = None
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 600  # a hang guard: the job runs until the detector has named the rank
         while time.monotonic() < deadline and firing is None:
             assert detector.poll() is None, (tmp_path / "detector.log").read_text()[-3000:]
             assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
@@ -119,7 +101,9 @@ def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_pa
     assert firing["rank"] == SLOW_RANK and firing["run"] == "ddp-done" and firing["node"] == "simnode-0"
     assert f"Rank {SLOW_RANK}" in firing["summary"]
     ev = firing["evidence"]
-    assert ev["compute_slowdown"] > 0.3 and ev["compute_s"] > ev["peer_compute_s"]
+    # How much slower depends on how busy the cores are (4 ranks share 2; the slow rank's extra
+    # time is a sleep, which gives its core to the others): above the detector's floor, always.
+    assert ev["compute_slowdown"] > DetectorConfig().min_slowdown and ev["compute_s"] > ev["peer_compute_s"]
     # the straggler waits least in the all-reduce: the fast ranks wait for it
     assert ev["comm_wait_s"] < ev["peer_comm_wait_s"]
     # the same event went to stdout, and nothing else named another rank

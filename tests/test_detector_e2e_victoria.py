@@ -5,10 +5,9 @@ API and sees what it sees through Prometheus."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
-from conftest import scrape_config
+from conftest import scrape_config, wait_until
 
 from rankwatch import promserver
 from rankwatch.detectors.config import DetectorConfig
@@ -35,6 +34,15 @@ def feed(probes: list[Probe], stop: threading.Event) -> None:
                           tokens=2048, step=n)
 
 
+def newest_common_sample(url: str, ranks: int) -> float | None:
+    """The data time up to which every rank's step counter has a sample in the store at
+    ``url`` (the oldest of their newest samples), or None before every rank has one."""
+    rows = promserver.query(url, "timestamp(rankwatch_steps_total)")
+    if len(rows) < ranks:
+        return None
+    return min(float(r["value"][1]) for r in rows)
+
+
 @pytest.mark.slow
 def test_live_cycle_against_victoria_metrics_fed_by_remote_write(prometheus_factory) -> None:
     probes = [Probe("vm-run", port=0, identity=RankIdentity(rank=r, local_rank=r, world_size=4, node="node-a",
@@ -58,12 +66,18 @@ def test_live_cycle_against_victoria_metrics_fed_by_remote_write(prometheus_fact
         cfg += (f"remote_write:\n  - url: {vm.url}/api/v1/write\n"
                 "    queue_config: {batch_send_deadline: 500ms, max_samples_per_send: 500, min_backoff: 100ms}\n")
         prom = prometheus_factory(cfg)
-        promserver.wait_for_series(prom.url, "rankwatch_rank_info", min_series=4, timeout=30)
-        promserver.wait_for_series(vm.url, "rankwatch_rank_info", min_series=4, timeout=30)
-        time.sleep(WINDOW + 1)  # a full window of samples on both sides
+        stores = (prom.url, vm.url)
+        for url in stores:
+            promserver.wait_for_series(url, "rankwatch_steps_total", min_series=4)
+        wait_until(lambda: all(newest_common_sample(url, 4) for url in stores), "every rank in both stores")
+        first = max(newest_common_sample(url, 4) or 0.0 for url in stores)
+        # Evaluate at a data time whose whole window has reached both stores (remote write
+        # lands later than the scrape, by however long the machine takes): wait for the data.
+        wait_until(lambda: min(newest_common_sample(url, 4) or 0.0 for url in stores) >= first + WINDOW + 2,
+                   "a full window of samples in Prometheus and in VictoriaMetrics")
+        t = float(int(min(newest_common_sample(url, 4) or 0.0 for url in stores)))
         config = DetectorConfig(interval_s=1.0, window_s=WINDOW)
         snaps = {}
-        t = float(int(time.time()) - 2)  # data time whose scrapes have reached both stores
         for name, url in (("victoria", vm.url), ("prometheus", prom.url)):
             src = PromSource(PromClient(PromConnection(url=url, timeout_s=10)), config.window_s,
                              config.efa_error_counters)

@@ -141,6 +141,7 @@ def gpu_results() -> dict[str, list]:
     r["efa:retrans_pkts"].append(({"device": "rdmap16s0", "port": "1", "instance": "10.0.0.7:9410"}, 40.0))
     r["efa:retrans_pkts"].append(({"device": "rdmap16s0", "port": "1", "instance": "[fd00::2]:9410"}, 5.0))
     r["efa:tx_bytes"].append(({"device": "rdmap16s0", "port": "1", "instance": "10.0.0.7:9410"}, 1.5e9))
+    r["efa:tx_pkts"].append(({"device": "rdmap16s0", "port": "1", "instance": "10.0.0.7:9410"}, 2e5))
     return r
 
 
@@ -162,7 +163,8 @@ def test_nodes_and_efa_join_through_instance() -> None:
     assert [(n.node, n.exporter_up, n.gpus_expected, n.gpus_answering) for n in snap.nodes] == [("h1", True, 3.0, 2.0)]
     nics = {(n.node, n.device): n for n in snap.nics}
     # the IP instance joins to Hostname h1 via rankwatch_node_info; an unknown one falls back to its host part
-    assert nics[("h1", "rdmap16s0")].increase == {"retrans_pkts": 40.0}
+    # packets travel with the errors: the network rule divides one by the other
+    assert nics[("h1", "rdmap16s0")].increase == {"retrans_pkts": 40.0, "tx_pkts": 2e5}
     assert nics[("h1", "rdmap16s0")].tx_bytes_rate == 1.5e9 / 15
     assert nics[("fd00::2", "rdmap16s0")].increase == {"retrans_pkts": 5.0}
 
@@ -252,6 +254,7 @@ def test_promql_snapshot_equals_the_simulators_own(scenario_replay, offset: floa
     for a, b in zip(got.nics, want.nics, strict=True):
         assert (a.node, a.device) == (b.node, b.device)
         assert a.increase == pytest.approx({k: b.increase[k] for k in a.increase})
+        assert {"tx_pkts", "rx_pkts", "retrans_pkts"} <= set(a.increase)
         assert a.tx_bytes_rate == pytest.approx(b.tx_bytes_rate)
 
 

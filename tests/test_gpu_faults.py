@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from conftest import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from rankwatch.exporters.exposition import render
@@ -43,12 +42,8 @@ def node():
     collector.close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
+def wait_for(predicate) -> None:
+    wait_until(predicate, "the collector to see the injected fault", every=0.01)
 
 
 def xid_count(collector: GpuCollector, gpu: int, xid: int) -> float | None:

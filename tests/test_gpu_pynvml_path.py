@@ -7,10 +7,9 @@ subclasses.
 
 from __future__ import annotations
 
-import time
-
 import pynvml
 import pytest
+from conftest import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from rankwatch.exporters.exposition import render
@@ -58,6 +57,7 @@ def test_real_pynvml_module_and_simulated_module_agree_exactly() -> None:
 def test_scrape_faults_and_xid_events_through_pynvml() -> None:
     clock = ManualClock()
     sim = SimulatedNVML("p5", seed=4, clock=clock)
+    library_before = pynvml.nvmlLib
     with installed_in_pynvml(sim) as nvml:
         assert nvml is pynvml
         collector = GpuCollector(nvml=pynvml, hostname="p5", xid_wait_ms=100)
@@ -75,10 +75,8 @@ def test_scrape_faults_and_xid_events_through_pynvml() -> None:
 
             sim.inject(5, "fell_off_bus")
             sim.inject(6, "xid", xid=95)
-            deadline = time.monotonic() + 5
-            while by_gpu(families(collector), "DCGM_EXP_XID_ERRORS_COUNT", xid="95").get(6) != 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_until(lambda: by_gpu(families(collector), "DCGM_EXP_XID_ERRORS_COUNT", xid="95").get(6) == 1,
+                       "XID 95 from the listener")
             fams = families(collector)
             assert fams["rankwatch_gpu_answering"].samples[0].value == 7
             health = {
@@ -95,4 +93,4 @@ def test_scrape_faults_and_xid_events_through_pynvml() -> None:
         finally:
             collector.close()
         assert not collector.listener_alive
-    assert pynvml.nvmlLib is None or not hasattr(pynvml.nvmlLib, "sim")  # uninstalled
+    assert pynvml.nvmlLib is library_before  # uninstalled: whatever pynvml had loaded is back

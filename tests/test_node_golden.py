@@ -49,11 +49,11 @@ def golden_scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
              "--hostname", "golden-node"],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     finally:
         proc.terminate()
-        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert proc.wait(timeout=120) == 0, log.read_text()
 
 
 def mask(text: str) -> str:

@@ -32,11 +32,11 @@ def exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                  "--web.listen-address", f"127.0.0.1:{port}", "--hostname", "p5-node-01"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
+        promserver.wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        code = proc.wait(timeout=20)
+        code = proc.wait(timeout=120)
         text = log.read_text()
         assert code == 0, text
         # the temporary sysfs tree of the simulation is gone
@@ -50,8 +50,7 @@ def prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                                      workdir=tmp_path_factory.mktemp("prom"))
     try:
         # enough scrapes for rate() over counters that the simulation advances once a second
-        promserver.wait_for_series(mp.url, "count_over_time(node_amazonefa_tx_bytes[1m]) >= 5", min_series=32,
-                                   timeout=60)
+        promserver.wait_for_series(mp.url, "count_over_time(node_amazonefa_tx_bytes[1m]) >= 5", min_series=32)
         yield mp.url
     finally:
         mp.stop()

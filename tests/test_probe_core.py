@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rankwatch import Probe, promserver
+from rankwatch.exporters import probe as probe_mod
 from rankwatch.exporters.identity import RankIdentity
 
 IDENT = RankIdentity(rank=5, local_rank=1, world_size=8, local_world_size=4, node="node-a",
@@ -41,22 +42,26 @@ def probe():
     p.close()
 
 
-def test_step_and_sections_are_exported_with_the_contract_names(probe: Probe) -> None:
+def test_step_and_sections_are_exported_with_the_contract_names(probe: Probe, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [50.0]  # the probe's section clock, advanced by the test
+    monkeypatch.setattr(probe_mod, "_perf", lambda: clock[0])
+    before = time.time()
     for i in range(3):
         with probe.step(tokens=512, step=100 + i):
             with probe.section("forward"):
-                time.sleep(0.02)
+                clock[0] += 0.02
             with probe.section("comm"):
                 pass
+            clock[0] += 0.005  # outside any section
+    after = time.time()
     assert value(probe, "rankwatch_steps_total") == 3
     assert value(probe, "rankwatch_tokens_total") == 3 * 512
     assert value(probe, "rankwatch_step") == 102
     assert value(probe, "rankwatch_section_count_total", section="forward") == 3
-    fwd = value(probe, "rankwatch_section_seconds_total", section="forward")
-    step_s = value(probe, "rankwatch_step_seconds_total")
-    assert 0.06 <= fwd < step_s < 1.0
-    assert value(probe, "rankwatch_section_seconds_total", section="comm") < 0.01
-    assert abs(value(probe, "rankwatch_last_step_timestamp_seconds") - time.time()) < 5
+    assert value(probe, "rankwatch_section_seconds_total", section="forward") == pytest.approx(0.06)
+    assert value(probe, "rankwatch_step_seconds_total") == pytest.approx(0.075)
+    assert value(probe, "rankwatch_section_seconds_total", section="comm") == 0
+    assert before <= value(probe, "rankwatch_last_step_timestamp_seconds") <= after  # wall clock, Unix seconds
     info = [k for k in samples(probe) if k[0] == "rankwatch_rank_info"]
     assert len(info) == 1
     labels = dict(info[0][1])
@@ -139,14 +144,15 @@ def test_section_names_are_bounded() -> None:
         p.close()
 
 
-def test_nested_sections_record_inclusive_time(probe: Probe) -> None:
+def test_nested_sections_record_inclusive_time(probe: Probe, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [50.0]
+    monkeypatch.setattr(probe_mod, "_perf", lambda: clock[0])
     with probe.section("backward"):
-        time.sleep(0.01)
+        clock[0] += 0.01
         with probe.section("comm"):
-            time.sleep(0.02)
-    bwd = value(probe, "rankwatch_section_seconds_total", section="backward")
-    comm = value(probe, "rankwatch_section_seconds_total", section="comm")
-    assert comm >= 0.02 and bwd >= comm + 0.01
+            clock[0] += 0.02
+    assert value(probe, "rankwatch_section_seconds_total", section="comm") == pytest.approx(0.02)
+    assert value(probe, "rankwatch_section_seconds_total", section="backward") == pytest.approx(0.03)
 
 
 def test_serves_on_base_port_plus_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:

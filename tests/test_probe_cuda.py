@@ -119,12 +119,15 @@ def test_host_bound_section_records_host_time(gpu: FakeStream) -> None:
     p.close()
 
 
-def test_cuda_timing_false_keeps_host_timing(gpu: FakeStream) -> None:
+def test_cuda_timing_false_keeps_host_timing(gpu: FakeStream, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = [10.0]
+    monkeypatch.setattr(probe_mod, "_perf", lambda: host[0])
     p = make_probe(cuda_timing=False)
     with p.step():
         with p.section("forward"):
-            gpu.launch(0.5)
-    assert sections(p)["forward"][0] < 0.1  # host time of an asynchronous launch
+            gpu.launch(0.5)  # asynchronous: 0.5 s of GPU work
+            host[0] += 0.002  # 2 ms on the host
+    assert sections(p)["forward"] == (pytest.approx(0.002), 1)  # the host's time, not the GPU's
     p.close()
 
 
@@ -134,9 +137,7 @@ def test_close_gives_up_on_a_gpu_that_never_finishes(gpu: FakeStream, monkeypatc
     with p.step():
         with p.section("forward"):
             gpu.launch(10.0)
-    t0 = time.monotonic()
-    p.close()
-    assert time.monotonic() - t0 < 2.0
+    p.close()  # gives up after CLOSE_DRAIN_SECONDS: returning at all is the check
     assert gpu.syncs == 0 and "forward" not in sections(p)
 
 

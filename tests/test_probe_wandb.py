@@ -150,7 +150,7 @@ def test_uncaught_exception_or_normal_exit_alerts_without_explicit_close(
     env.update({"RANK": "0", "WORLD_SIZE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(offline),
                 "WANDB_SILENT": "true"})
     proc = subprocess.run([sys.executable, "-c", SCRIPT, outcome], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert (proc.returncode != 0) == (outcome == "fail"), proc.stderr
     (alert,) = alerts(run_log(offline))
     if outcome == "fail":

@@ -68,7 +68,7 @@ def test_suite_covers_every_fault_kind():
 def test_cli_writes_replay_and_truth(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rankwatch", "sim", "scenario", "thermal", "--layout", "2x2x1",
                           "--gpus-per-node", "4", "--duration", "60", "--onset", "20", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     truth = json.loads((tmp_path / "thermal.truth.json").read_text())
     assert truth["faults"][0]["fault"] == "thermal" and truth["faults"][0]["node"] == "node-00"
@@ -81,7 +81,7 @@ def test_cli_writes_replay_and_truth(tmp_path):
 def test_cli_rejects_bad_arguments(tmp_path, args, needle):
     res = subprocess.run([sys.executable, "-m", "rankwatch", "sim", "scenario", "slowdown", "--layout", "2x2x1",
                           "--gpus-per-node", "4", "--duration", "60", "--onset", "20", "--out", str(tmp_path), *args],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
 
 

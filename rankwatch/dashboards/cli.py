@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--kubernetes-out", metavar="DIR",
                      help="also write the dashboard ConfigMaps, the PrometheusRule and the Grafana alert rules "
                      "ConfigMap (both from --alerts) here (default: none)")
-    gen.add_argument("--alerts", default="alerts", help="rule files for the PrometheusRule (default: alerts)")
+    gen.add_argument("--alerts", metavar="DIR", type=Path,
+                     help="directory of Prometheus rule files for the PrometheusRule and the Grafana alert rules "
+                          "(default: rankwatch's own rules, from the checkout or the installed package)")
     gen.add_argument("--grafana-datasource-uid", default="prometheus", metavar="UID",
                      help="uid of the Prometheus datasource the Grafana alert rules (OUT/alerting/) query "
                      "(default: prometheus, the uid rankwatch's compose and kube-prometheus-stack provision)")
@@ -67,18 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from rankwatch.dashboards.alert_rules import PROVISIONING_FILE, provisioning_file
     from rankwatch.dashboards.build import dashboard_files, stale_files, write_files
-    from rankwatch.dashboards.manifests import rule_files
+    from rankwatch.dashboards.manifests import alert_rule_files
 
     outputs: list[tuple[Path, dict[str, str]]] = []
     dashboards = dashboard_files()
     outputs.append((Path(args.out), dashboards))
     # Grafana-managed alert rules from the same rule files as the PrometheusRule.
-    grafana_alerts = provisioning_file(rule_files(Path(args.alerts)), args.grafana_datasource_uid)
+    grafana_alerts = provisioning_file(alert_rule_files(args.alerts), args.grafana_datasource_uid)
     outputs.append((Path(args.out) / "alerting", {PROVISIONING_FILE: grafana_alerts}))
     if args.kubernetes_out:
         from rankwatch.dashboards.manifests import kubernetes_files
 
-        outputs.append((Path(args.kubernetes_out), kubernetes_files(dashboards, Path(args.alerts), grafana_alerts)))
+        outputs.append((Path(args.kubernetes_out), kubernetes_files(dashboards, args.alerts, grafana_alerts)))
     if args.check:
         stale = [str(out / name) for out, files in outputs for name in stale_files(files, out)]
         for path in stale:

@@ -4,11 +4,13 @@ one Grafana-sidecar ConfigMap per dashboard, and a prometheus-operator Prometheu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rankwatch import assets
 from rankwatch.errors import InputError
 
 PART_OF = {"app.kubernetes.io/part-of": "rankwatch"}
@@ -65,10 +67,15 @@ def rule_files(alerts_dir: Path) -> list[Path]:
     return out
 
 
-def prometheus_rule(alerts_dir: Path) -> dict[str, Any]:
+def prometheus_rule(files: Sequence[Path]) -> dict[str, Any]:
+    """The PrometheusRule holding every group of ``files``; no group at all is an error, never
+    an empty rule (a cluster would load it and alert on nothing)."""
     groups: list[Any] = []
-    for path in rule_files(alerts_dir):
+    for path in files:
         groups += yaml.safe_load(path.read_text())["groups"] or []
+    if not groups:
+        raise InputError("no rule groups in " + (", ".join(str(p) for p in files) or "any rule file")
+                         + ": the PrometheusRule would alert on nothing")
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -77,16 +84,30 @@ def prometheus_rule(alerts_dir: Path) -> dict[str, Any]:
     }
 
 
-def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path,
+def alert_rule_files(alerts_dir: Path | None = None) -> list[Path]:
+    """The rule files everything derived from the alerts is made of: those of ``alerts_dir``, by
+    default rankwatch's own (``rankwatch.assets``: the checkout's alerts/ or the wheel's copy).
+    None found is an error: a generator must never write rules that alert on nothing."""
+    if alerts_dir is None:
+        return assets.rule_files()
+    rules = rule_files(alerts_dir)
+    if not rules:
+        raise InputError(f"no Prometheus rule files (YAML with a top-level `groups`) in {alerts_dir}")
+    return rules
+
+
+def kubernetes_files(dashboard_files: dict[str, str], alerts_dir: Path | None = None,
                      grafana_alerts: str | None = None) -> dict[str, str]:
-    """File name → text of every generated manifest; ``grafana_alerts`` is the Grafana alert
-    provisioning file (default: made from ``alerts_dir``), shipped as a sidecar ConfigMap."""
+    """File name → text of every generated manifest, from the rules of ``alerts_dir``
+    (``alert_rule_files``); ``grafana_alerts`` is the Grafana alert provisioning file (default:
+    made from the same rules), shipped as a sidecar ConfigMap."""
     from rankwatch.dashboards.alert_rules import CONFIGMAP_FILE, alert_rules_configmap, provisioning_file
 
+    rules = alert_rule_files(alerts_dir)
     files = {f"dashboard-{name.removesuffix('.json')}.yaml": HEADER + dump(dashboard_configmap(name, text))
              for name, text in dashboard_files.items()}
-    files["prometheusrule.yaml"] = HEADER + dump(prometheus_rule(alerts_dir))
+    files["prometheusrule.yaml"] = HEADER + dump(prometheus_rule(rules))
     if grafana_alerts is None:
-        grafana_alerts = provisioning_file(rule_files(alerts_dir))
+        grafana_alerts = provisioning_file(rules)
     files[CONFIGMAP_FILE] = HEADER + dump(alert_rules_configmap(grafana_alerts))
     return files

@@ -13,7 +13,11 @@ scrape in milliseconds and use every core. Every shard simulates the whole (chea
 deterministic) job and serves its own members.
 
 All wait for ``start.json`` (the timeline's start time), then play the same scripted timeline
-(``scenario.Timeline``) until killed. Before that they write ``--ready`` with their targets."""
+(``scenario.Timeline``) until killed. Before that they write ``--ready`` with their targets.
+The front end decides when each slot of the timeline begins (it holds a slot until the
+detector has seen what the slot is for) and publishes the start times in ``--schedule``;
+every worker rereads that file each tick, before it advances, so all play the same faults at
+the same job times."""
 
 from __future__ import annotations
 
@@ -93,6 +97,32 @@ def _wait_start(path: Path, stop: threading.Event) -> float | None:
     return None
 
 
+class ScheduleFile:
+    """The slot start times the front end publishes (``{"starts": [...]}``, seconds after t0,
+    replaced atomically); ``read`` returns them when the file changed since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+
+    def read(self) -> list[float] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        return [float(x) for x in json.loads(self.path.read_text())["starts"]]
+
+
+def write_schedule(path: Path, starts: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"starts": starts}))
+    tmp.rename(path)
+
+
 def _training_faults(cfg: DemoConfig, timeline: Timeline) -> list[Any]:
     from rankwatch.sim.training import Fault
 
@@ -115,29 +145,41 @@ def _training_faults(cfg: DemoConfig, timeline: Timeline) -> list[Any]:
     return out
 
 
-def eval_times(timeline: Timeline) -> list[float]:
+def eval_times(timeline: Timeline, starts: list[float]) -> list[float]:
     """When the job runs an evaluation step: in the middle of the benign slot and of the first
-    two recoveries. A real job evaluates every few hundred steps; in compressed time a periodic
-    evaluation would land inside incidents, where it says nothing about the detector."""
-    slots = [s for s in timeline.slots if s[0] == "benign" or s[0].startswith("recover-")][:3]
-    return [(s[2] + s[3]) / 2 for s in slots]
+    two recoveries (at half their scripted length after they began). A real job evaluates every
+    few hundred steps; in compressed time a periodic evaluation would land inside incidents,
+    where it says nothing about the detector."""
+    out = []
+    for i, slot in enumerate(timeline.slots[: len(starts)]):
+        if slot[0] == "benign" or slot[0].startswith("recover-"):
+            out.append(starts[i] + timeline.nominal_seconds(i) / 2)
+    return out[:3]
 
 
-def build_job(cfg: DemoConfig, timeline: Timeline, t0: float = 0.0) -> Any:
-    """The simulated training job with the timeline's faults and the benign noise: GC pauses,
-    sequence-length imbalance, heavier first and last pipeline stages, a warm-up, and a few
-    evaluation steps (``eval_times``). Deterministic: every worker builds the same job."""
+def build_job(cfg: DemoConfig, t0: float = 0.0) -> Any:
+    """The simulated training job with the benign noise: GC pauses, sequence-length imbalance,
+    heavier first and last pipeline stages, a warm-up, and a few evaluation steps
+    (``eval_times``). Faults come from the schedule (``schedule_job``). Deterministic: every
+    worker builds the same job and, given the same schedule, plays the same steps."""
     from rankwatch.sim.training import Layout, Noise, TrainingJob
 
     class ScriptedEvalJob(TrainingJob):
-        """Evaluation on the given step numbers instead of every N steps (the simulator's
-        ``Noise.eval_every``, applied to one step at a time)."""
+        """Evaluation in the first step that starts at or after each of ``eval_at`` (job
+        seconds), instead of every N steps (the simulator's ``Noise.eval_every``, applied to
+        one step at a time)."""
 
-        eval_steps: frozenset[int] = frozenset()
+        eval_at: tuple[float, ...] = ()
+        eval_steps: dict[float, int]  # eval time -> the step that runs it
 
         def _step_sections(self, t: float) -> dict[str, Any]:
+            # a step drawn again (advance() stops inside a running step) keeps its evaluation
+            assigned = self.eval_steps
+            for e in self.eval_at:
+                if e <= t and e not in assigned:
+                    assigned[e] = self.step + 1
             periodic = self.noise
-            self.noise = dataclasses.replace(periodic, eval_every=1 if self.step + 1 in self.eval_steps else 0)
+            self.noise = dataclasses.replace(periodic, eval_every=1 if self.step + 1 in assigned.values() else 0)
             try:
                 return super()._step_sections(t)
             finally:
@@ -146,27 +188,20 @@ def build_job(cfg: DemoConfig, timeline: Timeline, t0: float = 0.0) -> Any:
     layout = Layout(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp)
     noise = Noise(warmup_s=max(1.0, cfg.warmup_seconds / 4), eval_every=0, eval_factor=2.0, checkpoint_every=0)
     nodes = [cfg.node_name(i) for i in range(cfg.nodes)]
-    faults = _training_faults(cfg, timeline)
+    job = ScriptedEvalJob(layout, nodes=nodes, gpus_per_node=cfg.gpus_per_node, base_step_s=cfg.step_seconds,
+                          seed=cfg.seed, noise=noise, run=cfg.run, start_time=t0,
+                          tokens_per_step=cfg.tokens_per_step)
+    job.eval_steps = {}
+    return job
 
-    def job() -> ScriptedEvalJob:
-        j = ScriptedEvalJob(layout, nodes=nodes, gpus_per_node=cfg.gpus_per_node, base_step_s=cfg.step_seconds,
-                            seed=cfg.seed, noise=noise, run=cfg.run, start_time=t0,
-                            tokens_per_step=cfg.tokens_per_step)
-        for f in faults:
-            j.add_fault(f)
-        return j
 
-    # Which step runs at each evaluation time: a dry run of the same job without evaluations
-    # (each evaluation then delays the later ones by its own length, about two steps).
-    dry = job()
-    ends = [r.end_s for r in dry.advance(timeline.total_seconds)]
-    steps = set()
-    for i, t in enumerate(eval_times(timeline)):
-        shifted = t - i * noise.eval_factor * cfg.step_seconds
-        steps.add(1 + next((k for k, e in enumerate(ends) if e >= shifted), len(ends)))
-    real = job()
-    real.eval_steps = frozenset(steps)
-    return real
+def schedule_job(job: Any, cfg: DemoConfig, timeline: Timeline, starts: list[float]) -> None:
+    """Give ``job`` the faults and evaluation steps of the slots begun so far (``starts``);
+    the running slot's fault lasts until the next slot begins."""
+    job.faults = []
+    for f in _training_faults(cfg, timeline.placed(starts)):
+        job.add_fault(f)
+    job.eval_at = tuple(eval_times(timeline, starts))
 
 
 class NodesRole:
@@ -184,7 +219,8 @@ class NodesRole:
         # default soft limit only about half of this worker's nodes would keep theirs open.
         raise_open_files_limit()
         self.cfg = cfg
-        self.job = build_job(cfg, timeline)
+        self.timeline = timeline
+        self.job = build_job(cfg)
         self.nvml: dict[str, Any] = {}
         self.sysfs: dict[str, Any] = {}
         self.exporters: list[Any] = []
@@ -204,6 +240,9 @@ class NodesRole:
             self.targets.append(f"{addr}:{NODE_EXPORTER_PORT}")
         self.applied: dict[tuple[str, str, int | None], Any] = {}
         self.hung = False
+
+    def reschedule(self, starts: list[float]) -> None:
+        schedule_job(self.job, self.cfg, self.timeline, starts)
 
     def apply(self, offset: float) -> None:
         # While the job hangs (XID 79 on any node) every GPU idles in a collective that never
@@ -257,7 +296,7 @@ class RanksRole:
 
         self.cfg = cfg
         self.timeline = timeline
-        self.job = build_job(cfg, timeline)
+        self.job = build_job(cfg)
         self.members = members
         self.probes: list[Any] = []
         self.targets: list[str] = []
@@ -270,6 +309,9 @@ class RanksRole:
             probe = Probe(cfg.run, port=PROBE_BASE_PORT + local, addr=addr, identity=ident, wandb_run=None)
             self.probes.append(probe)
             self.targets.append(f"{addr}:{PROBE_BASE_PORT + local}")
+
+    def reschedule(self, starts: list[float]) -> None:
+        schedule_job(self.job, self.cfg, self.timeline, starts)
 
     def feed(self, t0: float, offset: float) -> int:
         """Advance the job to ``offset`` seconds and record every completed step in every probe."""
@@ -297,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", type=Path, required=True)
     ap.add_argument("--ready", type=Path, required=True)
     ap.add_argument("--start", type=Path, required=True)
+    ap.add_argument("--schedule", type=Path, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = json.loads(args.spec.read_text())
@@ -319,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             _write_ready(args.ready, role.targets)
             t0 = _wait_start(args.start, stop)
             if t0 is not None:
+                schedule = ScheduleFile(args.schedule)
                 if args.role == "nodes":
-                    _run_nodes(role, t0, stop)
+                    _run_nodes(role, t0, schedule, stop)
                 else:
-                    _run_ranks(role, t0, stop)
+                    _run_ranks(role, t0, schedule, stop)
         finally:
             began = time.monotonic()
             role.close()
@@ -330,11 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_nodes(role: NodesRole, t0: float, stop: threading.Event) -> None:
-    # Faults switch within a tick of their scripted time; the EFA counter files are rewritten
+def _follow(role: NodesRole | RanksRole, schedule: ScheduleFile) -> None:
+    starts = schedule.read()
+    if starts is not None:
+        role.reschedule(starts)
+
+
+def _run_nodes(role: NodesRole, t0: float, schedule: ScheduleFile, stop: threading.Event) -> None:
+    # Faults switch within a tick of their scheduled time; the EFA counter files are rewritten
     # once a second (writing every file of every device costs ~4 ms per node).
     last = time.time()
     while not stop.is_set():
+        _follow(role, schedule)
         now = time.time()
         role.apply(now - t0)
         if now - last >= COUNTER_PERIOD_S:
@@ -343,8 +394,9 @@ def _run_nodes(role: NodesRole, t0: float, stop: threading.Event) -> None:
         stop.wait(TICK_S)
 
 
-def _run_ranks(role: RanksRole, t0: float, stop: threading.Event) -> None:
+def _run_ranks(role: RanksRole, t0: float, schedule: ScheduleFile, stop: threading.Event) -> None:
     while not stop.is_set():
+        _follow(role, schedule)
         role.feed(t0, time.time() - t0)
         stop.wait(TICK_S)
 

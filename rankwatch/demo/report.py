@@ -3,6 +3,7 @@
 ``demo-report/``
   ``summary.md``          per incident: injected at, detected at, delay, correct or not; false alarms;
                           Prometheus resource use
+  ``verdict.json``        the same verdict for scripts (``verdict_json``)
   ``events.jsonl``        the detector's events, as it wrote them
   ``slack-messages.json`` every request the detector made to the Slack-compatible server
   ``charts/*.png``        throughput, per-rank compute heatmap, hardware evidence
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from rankwatch.demo.scenario import DemoConfig
 from rankwatch.demo.scoring import IncidentResult, entity_of
+from rankwatch.events import Event
 
 if TYPE_CHECKING:
     from rankwatch.demo.runner import DemoResult
@@ -58,12 +61,38 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(out)
 
 
+def _event(e: Event) -> dict[str, Any]:
+    return {"time": e.time, "kind": e.kind, "state": e.state, "rank": e.rank, "node": e.node, "gpu": e.gpu,
+            "nic": e.nic, "summary": e.summary}
+
+
+def verdict_json(result: DemoResult) -> dict[str, Any]:
+    """The judge's verdict for scripts and CI: each incident's slot (Unix seconds), first
+    detection, matched events and what is missing; false alarms; the slots held past their
+    scripted length and why; Prometheus' resource figures."""
+    v = result.verdict
+    return {
+        "all_correct": v.all_correct,
+        "t0": result.t0,
+        "incidents": [{"name": r.incident.name, "benign": r.incident.benign, "start": r.incident.start,
+                       "end": r.incident.end, "detected_at": r.detected_at, "correct": r.correct,
+                       "required": [x.describe() for x in r.incident.required],
+                       "missing": [x.describe() for x in r.missing],
+                       "matched": [_event(e) for e in r.matched], "wrong": [_event(e) for e in r.wrong]}
+                      for r in v.results],
+        "false_alarms": [_event(e) for e in v.false_alarms],
+        "held": result.held,
+        "resources": asdict(result.resources) if result.resources else None,
+    }
+
+
 def write(result: DemoResult, *, cfg: DemoConfig, t0: float, charts: Sequence[Path], dashboards_ok: bool) -> None:
     d = result.report_dir
     v = result.verdict
     (d / "slack-messages.json").write_text(json.dumps(result.slack_messages, indent=2, default=str))
     (d / "wandb-alerts.json").write_text(json.dumps(result.wandb_alerts, indent=2, default=str))
     (d / "prometheus-alerts.json").write_text(json.dumps(result.prometheus_alerts, indent=2))
+    (d / "verdict.json").write_text(json.dumps(verdict_json(result), indent=2, default=str) + "\n")
     rows = incident_rows(v.results, t0)
     fa_rows = [[_t(e.time, t0), e.kind, entity_of(e), e.summary] for e in v.false_alarms]
     res_rows = result.resources.rows() if result.resources else []
@@ -84,6 +113,9 @@ def write(result: DemoResult, *, cfg: DemoConfig, t0: float, charts: Sequence[Pa
     ]
     if fa_rows:
         md += [markdown_table(["fired", "kind", "entity", "summary"], fa_rows), ""]
+    if result.held:
+        md += ["Slots held past their scripted length (each waits until the detector has seen what it is for):", "",
+               *(f"- {slot}: waited for {why}" for slot, why in result.held.items()), ""]
     md += [f"Verdict: {'every incident caught with the right kind and entity, nothing else fired' if v.all_correct else 'NOT all correct'}.",
            "", "## Alerts delivered", "",
            f"- Slack: {len(result.slack_messages)} messages (`slack-messages.json`)",

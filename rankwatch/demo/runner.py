@@ -12,8 +12,11 @@ Processes (each in its own process group, all stopped in ``finally``):
 * ``python -m rankwatch detector``: the real detector, as in production, with Slack (pointed at
   the local Slack-compatible server in this process) and W&B offline.
 
-Both workers play the same timeline from the same start time (``start.json``), so the fault
-a GPU shows in NVML and the slowdown its rank shows in the probe begin together."""
+Both workers play the same timeline from the same start time (``start.json``) and the same
+slot start times (``schedule.json``), so the fault a GPU shows in NVML and the slowdown its
+rank shows in the probe begin together. Each slot lasts its scripted length and then until the
+detector has seen what it is for (``pacing.Pacer``): a busy machine makes the demo longer,
+never a missed incident."""
 
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ from typing import Any
 
 import requests
 
-from rankwatch import promserver
+from rankwatch import assets, promserver
 from rankwatch.demo import report as report_mod
-from rankwatch.demo.cluster import node_targets, probe_targets
+from rankwatch.demo.cluster import node_targets, probe_targets, write_schedule
+from rankwatch.demo.pacing import Pacer
 from rankwatch.demo.procs import Supervisor, sigterm_as_interrupt, stop_all, terminate, wait_for_file
 from rankwatch.demo.resources import (
     PromResources,
@@ -51,8 +55,13 @@ from rankwatch.events import Event
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The directory holding the rankwatch package (a checkout, or site-packages for a wheel): the
+# children run ``python -m rankwatch…`` from the demo's work directory and must import this copy.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 SLACK_CHANNEL = "C0DEMOALERT"
+# Evaluations past a slot's scripted end after which the demo stops waiting for the detector to
+# name the incident (or close its episodes): several times what its persistence rules need.
+PATIENCE_EVALUATIONS = 10
 # Shard sizes of the cluster workers (see cluster.py): 256 ranks -> 4 processes, 32 nodes -> 2.
 RANKS_PER_WORKER = 64
 NODES_PER_WORKER = 16
@@ -74,11 +83,12 @@ class DemoResult:
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds of start-up, timeline, report
     leftover_pids: list[int] = field(default_factory=list)
     laps: dict[str, float] = field(default_factory=dict)  # wall seconds of each report step
+    held: dict[str, str] = field(default_factory=dict)  # slot -> what it waited for beyond its length
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -110,11 +120,6 @@ def prometheus_config(cfg: DemoConfig, nodes: list[str], probes: list[str], dete
     return "\n".join(lines) + "\n"
 
 
-def rule_files() -> list[Path]:
-    return sorted(p for p in (REPO_ROOT / "alerts").glob("*.yml") if not p.name.endswith(".test.yml")
-                  and not p.name.startswith("alertmanager") and "test" not in p.stem)
-
-
 def _read_new_events(path: Path, offset: int) -> tuple[list[Event], int]:
     try:
         with path.open("rb") as fh:
@@ -144,18 +149,22 @@ def _scalar(url: str, promql: str) -> float | None:
     return float(res[0]["value"][1]) if res else None
 
 
-def read_detector_scores(metrics_url: str) -> list[RankScore]:
-    """The detector's per-rank straggler score and flagged state from its own /metrics."""
+def read_detector(metrics_url: str) -> tuple[list[RankScore], float | None]:
+    """From the detector's own /metrics: the per-rank straggler score and flagged state, and
+    the data time of its last evaluation (None before the first)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = requests.get(metrics_url, timeout=2).text
+        text = requests.get(metrics_url, timeout=5).text
     except requests.RequestException:
-        return []
+        return [], None
     scores: dict[int, RankScore] = {}
     flagged: set[int] = set()
+    evaluated: float | None = None
     for fam in text_string_to_metric_families(text):
-        if fam.name == "rankwatch_detector_rank_score":
+        if fam.name == "rankwatch_detector_last_evaluated_timestamp_seconds" and fam.samples:
+            evaluated = fam.samples[0].value or None
+        elif fam.name == "rankwatch_detector_rank_score":
             for s in fam.samples:
                 try:
                     rank = int(s.labels["rank"])
@@ -166,7 +175,7 @@ def read_detector_scores(metrics_url: str) -> list[RankScore]:
             flagged |= {int(s.labels["rank"]) for s in fam.samples if s.value > 0 and "rank" in s.labels}
     for r in flagged & scores.keys():
         scores[r].flagged = True
-    return sorted(scores.values(), key=lambda r: (not r.flagged, -r.score))
+    return sorted(scores.values(), key=lambda r: (not r.flagged, -r.score)), evaluated
 
 
 class Demo:
@@ -184,7 +193,7 @@ class Demo:
         self.on_event = on_event
         self.sv = Supervisor()
         self.work = Path(tempfile.mkdtemp(prefix="rankwatch-demo-"))
-        self.logs = report_dir / "logs"
+        self.logs = self.report_dir / "logs"
         self.events: list[Event] = []
         self.t0 = 0.0
 
@@ -197,7 +206,7 @@ class Demo:
             ready = self.work / f"{name}.ready.json"
             args = [sys.executable, "-m", "rankwatch.demo.cluster", "--role", role, "--first", str(first),
                     "--count", str(count), "--spec", str(self.work / "spec.json"), "--ready", str(ready),
-                    "--start", str(self.work / "start.json")]
+                    "--start", str(self.work / "start.json"), "--schedule", str(self.work / "schedule.json")]
             proc = self.sv.spawn(f"cluster worker {name}", args, log_path=self.logs / f"cluster-{name}.log",
                                  env=child_env(), cwd=self.work)
             self._worker_procs.setdefault(role, []).append(proc)
@@ -222,7 +231,7 @@ class Demo:
         self.dashboards = self.sv.spawn(
             "dashboards generate",
             [sys.executable, "-m", "rankwatch", "dashboards", "generate", "--out", str(self.report_dir / "dashboards")],
-            log_path=self.logs / "dashboards.log", env=child_env(), cwd=REPO_ROOT, service=False)
+            log_path=self.logs / "dashboards.log", env=child_env(), cwd=self.work, service=False)
 
         # Targets are fixed by the configuration (one loopback address per node), so the
         # workers, Prometheus and the detector all start at once.
@@ -234,7 +243,7 @@ class Demo:
 
         self.det_port = promserver.free_port()
         prom_port = promserver.free_port()
-        rules = rule_files()
+        rules = assets.rule_files()
         prom_cfg = prometheus_config(cfg, nodes, probes, f"127.0.0.1:{self.det_port}", f"127.0.0.1:{prom_port}",
                                      rules)
         self.prom = promserver.start_prometheus(prom_cfg, workdir=self.work / "prometheus", port=prom_port,
@@ -246,13 +255,14 @@ class Demo:
         det_cfg.write_text(detector_toml(cfg, self.prom.url, self.slack.api_url))
         shutil.copy(det_cfg, self.report_dir / "detector.toml")
         self.events_path = self.report_dir / "events.jsonl"
+        # scrapes of the evaluated window have landed by then (probes every scrape_interval)
+        self.query_delay = max(1.0, cfg.scrape_interval * 1.5)
         state_dir = self.work / "detector-state"
         state_dir.mkdir()
         args = [sys.executable, "-m", "rankwatch", "detector", "--prometheus", self.prom.url,
                 "--config", str(det_cfg), "--events-file", str(self.events_path), "--quiet",
                 "--listen", f"127.0.0.1:{self.det_port}", "--state-dir", str(state_dir),
-                # scrapes of the evaluated window have landed by then (probes every scrape_interval)
-                "--query-delay", f"{max(1.0, cfg.scrape_interval * 1.5):g}",
+                "--query-delay", f"{self.query_delay:g}",
                 # a busy machine slows Prometheus down before anything else
                 "--query-timeout", "15"]
         # WANDB_DIR: the offline W&B run stays in the demo's state directory (the report copies
@@ -273,6 +283,9 @@ class Demo:
 
         # Everything answers: start the clock. Workers poll for this file.
         self.t0 = time.time() + 1.0
+        self.pacer = Pacer(cfg, self.timeline, self.t0, lag_s=cfg.eval_interval + self.query_delay + 1.0,
+                           patience_s=PATIENCE_EVALUATIONS * cfg.eval_interval)
+        write_schedule(self.work / "schedule.json", self.pacer.starts)
         tmp = self.work / "start.json.tmp"
         tmp.write_text(json.dumps({"t0": self.t0}))
         tmp.rename(self.work / "start.json")
@@ -308,7 +321,8 @@ class Demo:
         if slot and slot[0] == "benign" and state.tokens_per_s:
             self._healthy.append(state.tokens_per_s)
             state.baseline_tokens_per_s = sorted(self._healthy)[len(self._healthy) // 2]
-        ranks = read_detector_scores(f"http://127.0.0.1:{self.det_port}/metrics")[:8]
+        ranks, self.evaluated = read_detector(f"http://127.0.0.1:{self.det_port}/metrics")
+        ranks = ranks[:8]
         gpn = self.cfg.gpus_per_node
         for r in ranks:
             r.node, r.gpu = self.cfg.node_name(r.rank // gpn), str(r.rank % gpn)
@@ -338,8 +352,8 @@ class Demo:
         self.view = ViewState(
             title=(f"{cfg.nodes} nodes × {cfg.gpus_per_node} GPUs = {cfg.world_size} ranks "
                    f"(tp {cfg.tp} × pp {cfg.pp} × dp {cfg.dp}), run {cfg.run}, Prometheus {self.prom.url}"),
-            timeline=self.timeline, t0=self.t0)
-        end = self.t0 + self.timeline.total_seconds
+            timeline=self.pacer.projected(0.0), t0=self.t0)
+        self.evaluated = None
         offset = 0
         window = int(cfg.window)
         next_line = 0.0
@@ -354,6 +368,11 @@ class Demo:
                 self.sv.check_alive()
                 self.view.status = "" if now >= self.t0 else "starting the timeline"
                 offset = self._poll(self.view, offset, window)
+                if self.pacer.advance(now - self.t0, self.events,
+                                      None if self.evaluated is None else self.evaluated - self.t0):
+                    write_schedule(self.work / "schedule.json", self.pacer.starts)
+                self.view.timeline = self.pacer.projected(now - self.t0)
+                end = None if self.pacer.end is None else self.t0 + self.pacer.end
                 if not self.live and now >= next_line:
                     tps = self.view.tokens_per_s
                     self.console.print(
@@ -362,9 +381,9 @@ class Demo:
                         f"{self.view.targets_up}/{self.view.targets_total}",
                         markup=False, highlight=False, soft_wrap=True)
                     next_line = now + 15
-                if now >= end:
+                if end is not None and now >= end:
                     break
-                time.sleep(max(0.0, min(1.0, end - time.time())))
+                time.sleep(1.0 if end is None else max(0.0, min(1.0, end - time.time())))
         finally:
             if live:
                 live.stop()
@@ -408,12 +427,13 @@ class Demo:
             shutil.copytree(wandb_dir, self.report_dir / "wandb", dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("latest-run"))
         self.events.extend(new)
-        incidents = expected_incidents(cfg, self.timeline, self.t0)
+        played = self.pacer.played()
+        incidents = expected_incidents(cfg, played, self.t0)
         verdict = judge(incidents, self.events, grace=cfg.window + 6 * cfg.eval_interval)
         messages = [asdict(m) for m in self.slack.messages]
         self.status("drawing charts and generating dashboards")
-        thermal = next((f for f in self.timeline.faults if f.kind == "thermal"), None)
-        efa = next((f for f in self.timeline.faults if f.kind == "efa_degraded"), None)
+        thermal = next((f for f in played.faults if f.kind == "thermal"), None)
+        efa = next((f for f in played.faults if f.kind == "efa_degraded"), None)
         from rankwatch.demo.charts import draw_all
 
         charts: list[Path] = []
@@ -440,7 +460,7 @@ class Demo:
             except Exception as exc:  # noqa: BLE001 - the report goes on without them
                 log.warning("could not read the W&B offline run: %s", exc)
         result = DemoResult(verdict, self.events, self.report_dir, resources, messages, prom_alerts, wandb_alerts,
-                            cpu, wall_seconds=span, t0=self.t0)
+                            cpu, wall_seconds=span, t0=self.t0, held=dict(self.pacer.held))
         report_mod.write(result, cfg=cfg, t0=self.t0, charts=charts, dashboards_ok=dashboards_ok)
         self._lap("report: write")
         return result
@@ -491,7 +511,7 @@ def run_demo(cfg: DemoConfig, report_dir: Path, *, live: bool | None = None, con
     result.phases = phases
     log.info("demo phases: %s; report steps: %s", phases, getattr(demo, "laps", {}))
     result.laps = dict(getattr(demo, "laps", {}))
-    with (report_dir / "summary.md").open("a") as fh:
+    with (result.report_dir / "summary.md").open("a") as fh:
         fh.write("\n## Wall time\n\n" + "".join(f"- {k}: {v:.0f} s\n" for k, v in phases.items())
                  + f"- total: {sum(phases.values()):.0f} s\n")
     return result
@@ -500,8 +520,16 @@ def run_demo(cfg: DemoConfig, report_dir: Path, *, live: bool | None = None, con
 def detector_toml(cfg: DemoConfig, prom_url: str, slack_api_url: str) -> str:
     """The detector's configuration for compressed time. Only cadence-bound settings change
     from the defaults (which are for 15 s windows over hours): the statistical thresholds —
-    z-score, minimum slowdown, persistence and hysteresis in windows — stay as shipped."""
+    z-score, minimum slowdown, the sequential test's charts and hysteresis in windows — stay as
+    shipped; the charts' seconds (minimum durations, thresholds of excess) shrink with the
+    windows, as the demo's time does."""
+    from rankwatch.detectors.config import DetectorConfig
+
     warmup = max(cfg.window, cfg.warmup_seconds / 2)
+    shipped = DetectorConfig()
+    scale = cfg.window / shipped.window_s
+    durations = ", ".join(f"{d * scale:g}" for d in shipped.cusum_min_duration_s)
+    thresholds = ", ".join(f"{h * scale:g}" for h in shipped.cusum_thresholds_s)
     # A hang is no step for max(hang_factor × median step, hang_min_s): the simulated job's
     # evaluation step takes three nominal steps, so ten keep well clear of it while still
     # catching the XID 79 hang inside its slot.
@@ -513,6 +541,8 @@ interval_s = {cfg.eval_interval:g}
 window_s = {cfg.window:g}
 warmup_s = {warmup:g}
 hang_min_s = {hang_min:g}
+cusum_min_duration_s = [{durations}]
+cusum_thresholds_s = [{thresholds}]
 
 [slack]
 bot_token_env = "SLACK_BOT_TOKEN"

@@ -8,7 +8,9 @@ start time, so it travels as JSON."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rankwatch.demo.scoring import Expect, Incident
@@ -103,15 +105,15 @@ class FaultSpec:
     name: str
     kind: str
     start: float
-    duration: float
+    duration: float | None  # None: still running (see Timeline.placed)
     node: int | None = None
     local_rank: int | None = None
     device: int | None = None  # EFA device index on the node
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def end(self) -> float:
-        return self.start + self.duration
+    def end(self) -> float | None:
+        return None if self.duration is None else self.start + self.duration
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,42 @@ class Timeline:
         data = json.loads(text)
         return cls(tuple(FaultSpec(**f) for f in data["faults"]), data["total_seconds"],
                    tuple(tuple(s) for s in data["slots"]))
+
+    def nominal_seconds(self, i: int) -> float:
+        """Slot ``i``'s scripted length; the last slot includes the tail after it."""
+        name, _title, start, end = self.slots[i]
+        return (self.total_seconds if i == len(self.slots) - 1 else end) - start
+
+    def placed(self, starts: Sequence[float], *, end: float | None = None, now: float | None = None) -> Timeline:
+        """The timeline as played: slot ``i`` began ``starts[i]`` seconds after t0 and lasted
+        until the next one began (the demo holds a slot until the detector has seen what the
+        slot is for: ``runner.Pacer``). The last slot started ends at ``end``. While ``end`` is
+        None that slot is still running: its fault is open-ended (``duration`` None) and slots
+        not started yet carry no fault; for display, the running slot lasts its scripted
+        length or until just after ``now``, and the rest follow at their scripted lengths."""
+        if not 1 <= len(starts) <= len(self.slots):
+            raise ValueError(f"{len(starts)} slot starts for a timeline of {len(self.slots)} slots")
+        by_slot = {f.name: f for f in self.faults}
+        running = len(starts) - 1
+        slots: list[tuple[str, str, float, float]] = []
+        faults: list[FaultSpec] = []
+        t = 0.0
+        for i, (name, title, _s, _e) in enumerate(self.slots):
+            if i < len(starts):
+                t = starts[i]
+            if i < running:
+                stop = starts[i + 1]
+            elif i == running and end is not None:
+                stop = end
+            else:  # running or not started yet: a projection (the running slot goes on past now)
+                stop = max(t + self.nominal_seconds(i), now + 1.0 if now is not None and i == running else 0.0)
+            f = by_slot.get(name)
+            if f is not None and i <= running:
+                open_ended = i == running and end is None
+                faults.append(replace(f, start=t, duration=None if open_ended else stop - t))
+            slots.append((name, title, t, stop))
+            t = stop
+        return Timeline(tuple(faults), t, tuple(slots))
 
 
 def _pick(cfg: DemoConfig, fraction: float, local_rank: int) -> tuple[int, int]:
@@ -211,5 +249,6 @@ def expected_incidents(cfg: DemoConfig, timeline: Timeline, t0: float) -> list[I
                        Expect("straggler", rank=cfg.rank_of(f.node, f.local_rank)), Expect("data_gap"))
         else:
             raise ValueError(f"unknown fault kind {f.kind}")
-        out.append(Incident(f.name, titles[f.name], t0 + f.start, t0 + f.end, required, allowed))
+        end = math.inf if f.end is None else t0 + f.end
+        out.append(Incident(f.name, titles[f.name], t0 + f.start, end, required, allowed))
     return out

@@ -14,12 +14,24 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rankwatch import xids
 from rankwatch.errors import ConfigError
 
 # Tables that belong to other parts of rankwatch (alerting, links in notifications).
 FOREIGN_TABLES = frozenset({"slack", "wandb", "alertmanager", "notify", "links"})
 
-CRITICAL_XIDS_DEFAULT = (48, 63, 64, 74, 79, 94, 95)
+# XIDs raised as critical: the FAIL class of the one XID table (rankwatch.xids)
+CRITICAL_XIDS_DEFAULT = xids.codes(xids.FAIL)
+# The sequential test's charts (docs/detector.md): small, medium and large stragglers.
+CUSUM_SLOWDOWNS_DEFAULT = (0.06, 0.2, 0.3)
+# Seconds of excess each chart needs beyond its noise term: the medium and large charts sit
+# above what a +50 % spike of 15 s leaves in them when it straddles two windows (the only
+# way it passes their minimum duration; once a minute, the drift empties them in between);
+# the small chart's cap and minimum duration keep such a spike out of it.
+CUSUM_THRESHOLDS_DEFAULT = (0.0, 3.3, 4.5)
+# How long each chart must have risen without a break before it may fire: longer than a
+# benign 15 s transient for the small and medium charts; the large chart's threshold is.
+CUSUM_MIN_DURATION_DEFAULT = (45.0, 30.0, 15.0)
 # retrans_bytes is left out: it is a byte count of the same events retrans_pkts counts.
 EFA_ERROR_COUNTERS_DEFAULT = (
     "retrans_pkts",
@@ -34,9 +46,10 @@ EFA_ERROR_COUNTERS_DEFAULT = (
 class DetectorConfig:
     """All detector thresholds. Times are data time (seconds), never the wall clock.
 
-    Defaults are chosen so that a slowdown of 5 % on one rank is found within about four
-    evaluations while a spike lasting one window, GC pauses, eval/checkpoint steps, warm-up
-    and pipeline-stage imbalance raise nothing (see BENCHMARKS.md, detector section)."""
+    Defaults are chosen so that, at a 15 s scrape, a 50 % straggler fires within about 30 s,
+    20 % within a minute and 5 % within about five minutes, while a +50 % spike of 15 s (even
+    once a minute), GC pauses, eval/checkpoint steps, warm-up and pipeline-stage imbalance
+    raise nothing (see docs/detector.md and BENCHMARKS.md, detector section)."""
 
     # --- cadence -------------------------------------------------------------------------
     # Both are floors: the detector learns each source's sample spacing from the data and
@@ -66,7 +79,18 @@ class DetectorConfig:
     min_answering_frac: float = 0.5
     min_group_size: int = 3  # groups smaller than this are compared to their fastest peer instead
     small_group_min_slowdown: float = 0.10  # slowdown vs the fastest peer for groups of 2
-    persist_windows: int = 3  # consecutive flagged evaluations before an episode fires
+    # Sequential test (docs/detector.md): per rank, one-sided CUSUM charts of its relative
+    # excess over its peers, one per reference slowdown d: drift d/2, each window's excess
+    # capped at d (the largest chart uncapped, so that a large straggler adds up at its full
+    # size), evidence in seconds of excess. A chart fires once it rose for its minimum
+    # duration and holds its threshold plus a noise term sized for false_alarm_rate under
+    # Gaussian noise of noise_tail_factor times the peer group's measured spread. A bigger
+    # straggler fills the charts faster, so it fires sooner with the same guarantee.
+    cusum_slowdowns: tuple[float, ...] = CUSUM_SLOWDOWNS_DEFAULT
+    cusum_thresholds_s: tuple[float, ...] = CUSUM_THRESHOLDS_DEFAULT
+    cusum_min_duration_s: tuple[float, ...] = CUSUM_MIN_DURATION_DEFAULT
+    false_alarm_rate: float = 1e-6  # design false alarms per rank-hour (all charts together)
+    noise_tail_factor: float = 1.5  # real per-window noise has heavier tails than a Gaussian
     resolve_windows: int = 2  # consecutive clean evaluations before it resolves
     # Evaluations without data after which an open episode resolves (the rank went away).
     missing_resolve_windows: int = 20
@@ -80,16 +104,10 @@ class DetectorConfig:
     # ... and such runs get no straggler verdict before each rank's clustering basis (its
     # running mean compute time) has this many evaluations.
     cluster_learn_windows: int = 8
-    # Slow signal for noisy jobs (sequence-length imbalance): each rank's relative excess over
-    # its peer median, clipped to +-smooth_clip and smoothed with an EWMA of weight
-    # smooth_alpha, is scored against its peers like the raw value. Two fully clipped windows
-    # (a spike straddling a window boundary) give at most smooth_alpha * smooth_clip * 1.8,
-    # which must stay below min_slowdown.
-    smooth_alpha: float = 0.2
-    smooth_clip: float = 0.08
 
     # --- failing GPUs ----------------------------------------------------------------------
-    critical_xids: tuple[int, ...] = CRITICAL_XIDS_DEFAULT  # other XIDs are warnings
+    # other XIDs are warnings, except the application's own (XID table class PASS: none)
+    critical_xids: tuple[int, ...] = CRITICAL_XIDS_DEFAULT
     clock_drop_rel: float = 0.10  # SM clock this much below its own baseline/peers = throttling
     throttle_persist_windows: int = 2
     gpu_resolve_windows: int = 4  # clean evaluations before a GPU fault resolves
@@ -97,9 +115,10 @@ class DetectorConfig:
 
     # --- network (EFA) -------------------------------------------------------------------
     efa_error_counters: tuple[str, ...] = EFA_ERROR_COUNTERS_DEFAULT
-    efa_min_increase: float = 10.0  # ignore fewer error events than this per window and counter
-    efa_own_factor: float = 5.0  # rate must exceed this multiple of the node's own past
-    efa_fleet_factor: float = 5.0  # ... and of the fleet median for the same counter
+    # A NIC is bad when its error events (the counters above, summed) are at least this
+    # fraction of the packets it sent and received ...
+    efa_max_errors_per_packet: float = 1e-5
+    efa_min_errors_per_s: float = 0.5  # ... and at least this many per second (absolute floor)
     network_persist_windows: int = 2
     network_resolve_windows: int = 3
 
@@ -121,13 +140,27 @@ class DetectorConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name}: must be finite, got {value!r}")
         for name in ("min_slowdown", "small_group_min_slowdown", "clock_drop_rel", "throughput_drop_rel",
-                     "mad_floor_rel", "cluster_gap_rel", "smooth_alpha", "smooth_clip"):
+                     "mad_floor_rel", "cluster_gap_rel", "false_alarm_rate"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be between 0 and 1 (a fraction), got {getattr(self, name)!r}")
         if not 0 <= self.min_answering_frac <= 1:
             raise ConfigError(f"min_answering_frac: must be between 0 and 1 (a fraction), got {self.min_answering_frac!r}")
         if not 0 < self.throughput_p_value < 1:
             raise ConfigError(f"throughput_p_value: must be between 0 and 1, got {self.throughput_p_value!r}")
+        counts = {len(self.cusum_slowdowns), len(self.cusum_thresholds_s), len(self.cusum_min_duration_s)}
+        if not self.cusum_slowdowns or len(counts) != 1:
+            raise ConfigError("cusum_slowdowns, cusum_thresholds_s, cusum_min_duration_s: need one value each per "
+                              f"chart, got {len(self.cusum_slowdowns)}, {len(self.cusum_thresholds_s)} and "
+                              f"{len(self.cusum_min_duration_s)}")
+        if list(self.cusum_slowdowns) != sorted(set(self.cusum_slowdowns)) or not all(
+                0 < d < 1 for d in self.cusum_slowdowns):
+            raise ConfigError("cusum_slowdowns: must be increasing fractions between 0 and 1, "
+                              f"got {list(self.cusum_slowdowns)!r}")
+        for name in ("cusum_thresholds_s", "cusum_min_duration_s"):
+            if not all(0 <= v <= _WEEK for v in getattr(self, name)):
+                raise ConfigError(f"{name}: must be seconds, from 0 to {_WEEK:g}, got {list(getattr(self, name))!r}")
+        if self.noise_tail_factor < 1:
+            raise ConfigError(f"noise_tail_factor: must be at least 1, got {self.noise_tail_factor!r}")
         if self.min_group_size < 2:
             raise ConfigError(f"min_group_size: must be at least 2, got {self.min_group_size!r}")
         if self.throughput_history < 2 * self.throughput_min_segment:
@@ -167,24 +200,24 @@ _RANGES: dict[str, tuple[float, float]] = {
     "interval_s": (0.1, _DAY), "window_s": (0.1, _DAY), "warmup_s": (0.0, _WEEK), "hang_min_s": (0.0, _WEEK),
     "gap_min_s": (0.0, _WEEK),
     "z_threshold": (0.0, 1000.0), "hang_factor": (0.0, 1e6), "cluster_gap_factor": (0.0, 1e6),
-    "efa_own_factor": (0.0, 1e6), "efa_fleet_factor": (0.0, 1e6), "health_fail_value": (0.0, 1e6),
+    "noise_tail_factor": (1.0, 100.0), "efa_min_errors_per_s": (0.0, 1e9), "health_fail_value": (0.0, 1e6),
     "min_group_size": (2, 100_000), "throughput_history": (2, 100_000),
     **{k: (1, _WINDOWS_MAX) for k in (
-        "persist_windows", "resolve_windows", "missing_resolve_windows", "throttle_persist_windows",
+        "resolve_windows", "missing_resolve_windows", "throttle_persist_windows",
         "gpu_resolve_windows", "network_persist_windows", "network_resolve_windows", "throughput_min_segment",
         "cluster_learn_windows")},
 }
 
 
 _POSITIVE = frozenset({
-    "interval_s", "window_s", "gap_min_s", "z_threshold", "persist_windows", "resolve_windows", "missing_resolve_windows",
+    "interval_s", "window_s", "gap_min_s", "z_threshold", "resolve_windows", "missing_resolve_windows",
     "min_steps_per_window", "throttle_persist_windows", "gpu_resolve_windows", "health_fail_value",
-    "efa_min_increase", "efa_own_factor", "efa_fleet_factor", "network_persist_windows",
+    "efa_max_errors_per_packet", "efa_min_errors_per_s", "network_persist_windows",
     "network_resolve_windows", "hang_factor", "hang_min_s", "throughput_min_segment", "throughput_history",
-    "cluster_gap_factor", "cluster_learn_windows",
+    "cluster_gap_factor", "cluster_learn_windows", "noise_tail_factor",
 })
 _INT_FIELDS = frozenset({
-    "persist_windows", "resolve_windows", "missing_resolve_windows", "min_group_size",
+    "resolve_windows", "missing_resolve_windows", "min_group_size",
     "throttle_persist_windows", "gpu_resolve_windows", "network_persist_windows",
     "network_resolve_windows", "throughput_min_segment", "throughput_history", "cluster_learn_windows",
 })
@@ -198,6 +231,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: must be a list of integers, got {value!r}")
         return tuple(value)
+    if kind.startswith("tuple[float"):
+        if not isinstance(value, list | tuple) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     if kind.startswith("tuple[str"):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: must be a list of names, got {value!r}")

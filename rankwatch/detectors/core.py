@@ -8,8 +8,9 @@ more) gets no verdict, and its open episodes close."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,9 +22,11 @@ from rankwatch.detectors.gpu_health import GpuHealth
 from rankwatch.detectors.hang import HangDetector
 from rankwatch.detectors.model import RankObs, Snapshot
 from rankwatch.detectors.network import NetworkHealth
-from rankwatch.detectors.straggler import RankTable, score_ranks
+from rankwatch.detectors.straggler import RankTable, StragglerScores, evidence_width, score_ranks
 from rankwatch.detectors.throughput import ThroughputDetector
 from rankwatch.events import Event
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Episode kinds whose subject is a run: closed when their run ends.
@@ -31,12 +34,25 @@ _RUN_KINDS = ("straggler", "hang", "throughput_drop", "data_gap")
 _BASIS_ALPHA = 0.05  # weight of one clean evaluation in a rank's clustering basis
 
 
+class StragglerRule(Protocol):
+    """Another way to turn per-window scores into verdicts (the benchmarks' baselines)."""
+
+    persist_windows: int  # consecutive flagged evaluations before an episode fires
+
+    def decide(self, scores: StragglerScores, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged, sustained) per rank of ``scores``."""
+        ...
+
+
 class DetectorCore:
-    def __init__(self, config: DetectorConfig | None = None) -> None:
+    def __init__(self, config: DetectorConfig | None = None, straggler_rule: StragglerRule | None = None) -> None:
         self.config = cfg = config or DetectorConfig()
         miss = cfg.missing_resolve_windows
+        self.straggler_rule = straggler_rule
         self.trackers = {
-            "straggler": EpisodeTracker("straggler", cfg.persist_windows, cfg.resolve_windows, miss),
+            # the sequential test already waited for enough evidence: one alarm opens an episode
+            "straggler": EpisodeTracker("straggler", straggler_rule.persist_windows if straggler_rule else 1,
+                                        cfg.resolve_windows, miss),
             "gpu_fault": EpisodeTracker("gpu_fault", 1, cfg.gpu_resolve_windows, miss),
             "network": EpisodeTracker("network", cfg.network_persist_windows, cfg.network_resolve_windows, miss),
             "hang": EpisodeTracker("hang", 1, 1, miss),
@@ -57,14 +73,17 @@ class DetectorCore:
         # per-rank EWMA of compute time for runs without layout labels (clustering basis)
         self.compute_basis = RankTable()
         self.basis_count = RankTable()
-        # per-rank slow straggler signal (EWMA of the clipped relative excess)
-        self.smooth = RankTable()
+        # per-rank CUSUM charts of the sequential test (compute charts, then dataloader charts)
+        self.evidence = RankTable(width=evidence_width(cfg))
         self.flagged: set[tuple[str, int]] = set()
+        self._layout_warned: set[str] = set()
 
     def evaluate(self, snapshot: Snapshot) -> list[Event]:
         cfg = self.config
         snap = snapshot
         t = snap.time
+        # seconds of new data since the last evaluation weigh this window's evidence
+        step_s = t - self.last_time if self.last_time is not None and t > self.last_time else None
         self.last_time = t
         events: list[Event] = []
         rank_data = not _rank_queries_failed(snap)
@@ -90,8 +109,10 @@ class DetectorCore:
             rank_ranks = snap.ranks
         else:
             rank_ranks = [r for r in snap.ranks if r.run in warm]
-        sc = score_ranks(rank_ranks, cfg, snap.window_s, self.compute_basis, self.smooth)
+        sc = score_ranks(rank_ranks, cfg, snap.window_s, self.compute_basis, self.evidence, step_s)
         cols = sc.cols
+        if self.straggler_rule is not None:
+            sc.flagged, sc.sustained = self.straggler_rule.decide(sc, cfg)
         if (cols.pp < 0).any():
             # peer groups of a run without layout labels come from clustering each rank's
             # long-run compute time: no verdicts until that basis has settled
@@ -99,7 +120,9 @@ class DetectorCore:
             young = (cols.pp < 0) & (count < cfg.cluster_learn_windows)
             sc.flagged = sc.flagged & ~young
             sc.sustained = sc.sustained & ~young
-        self.smooth.put(cols.run_names, cols.run_ids, cols.rank, sc.smooth)
+            sc.evidence[young] = 0.0  # peer groups still settling: no evidence yet
+            self._warn_layout(sc, young)
+        self.evidence.put(cols.run_names, cols.run_ids, cols.rank, sc.evidence)
         runs_of = [cols.run_names[i] for i in cols.run_ids.tolist()]
         keys = list(zip(runs_of, cols.rank.tolist(), strict=True))
         step_by_run: dict[str, list[float]] = defaultdict(list)
@@ -129,7 +152,12 @@ class DetectorCore:
                 score=s, summary=summary, severity=sev, evidence=ev,
                 resolved_summary=f"Rank {o.rank} of run {o.run} is no longer a straggler (score {s:.1f}).",
             ))
-        events += self.trackers["straggler"].update(t, findings + closing.get("straggler", []))
+        strag_events = self.trackers["straggler"].update(t, findings + closing.get("straggler", []))
+        for e in strag_events:
+            if e.state == "resolved" and e.run is not None and e.rank is not None:
+                # a new episode of the same rank needs new evidence
+                self.evidence.forget(e.run, e.rank)
+        events += strag_events
         self._update_basis(sc)
         self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
                         for st in self.trackers["straggler"].open_episodes().values()}
@@ -181,6 +209,23 @@ class DetectorCore:
                 del self.run_first_seen[run]
         return closing
 
+    def _warn_layout(self, sc: StragglerScores, young: np.ndarray) -> None:
+        """Once per run: say that a rank slow from its first step cannot be found in a run
+        without layout labels whose stages do not follow rank order, and how to fix that."""
+        for run in sc.layout_unordered:
+            if run in self._layout_warned:
+                continue
+            r = sc.cols.run_names.index(run)
+            if young[sc.cols.run_ids == r].any():
+                continue  # its ranks' long-run times have not settled yet
+            self._layout_warned.add(run)
+            log.warning(
+                "run %s: its probes carry no layout labels (pp, tp, dp) and its ranks' compute times do not form "
+                "contiguous pipeline stages in rank order, so a rank that is slow from its first step cannot be told "
+                "from a heavier stage and will not be reported. Give the probes the layout: RankIdentity(pp=..., "
+                "tp=..., dp=...), or set RANKWATCH_TP_SIZE, RANKWATCH_PP_SIZE (and RANKWATCH_CP_SIZE) in the "
+                "training job's environment (docs/probe.md, Identity).", run)
+
     def _update_basis(self, sc: Any) -> None:
         cols = sc.cols
         if not (cols.pp < 0).any():
@@ -230,7 +275,7 @@ class DetectorCore:
             "gpu": self.gpu.export(), "network": self.net.export(), "hang": self.hang.export(),
             "throughput": self.throughput.export(),
             "gaps": self.gaps.export(), "ended_since": self.ended_since,
-            "smooth": self.smooth.export(),
+            "evidence": self.evidence.export(), "evidence_width": self.evidence.width,
             "compute_basis": self.compute_basis.export(),
             "basis_count": self.basis_count.export(),
         }
@@ -250,7 +295,9 @@ class DetectorCore:
         self.throughput.load(state.get("throughput", {}))
         self.gaps.load(state.get("gaps", {}))
         self.ended_since = {str(k): float(v) for k, v in state.get("ended_since", {}).items()}
-        self.smooth.load(state.get("smooth", {}))
+        # charts of another configuration (a different number of them) start afresh
+        if state.get("evidence_width") == self.evidence.width:
+            self.evidence.load(state.get("evidence", {}))
         self.compute_basis.load(state.get("compute_basis", {}))
         self.basis_count.load(state.get("basis_count", {}))
         self.flagged = {(st["subject"]["run"], st["subject"]["rank"])

@@ -29,7 +29,8 @@ def straggler_finding_text(scores: StragglerScores, i: int, gpu_diag: dict[tuple
         "cause": cause,
         "compute_s": _r(compute), "peer_compute_s": _r(peer_c), "compute_slowdown": _r(scores.rel_compute[i]),
         "z_compute": _r(scores.z_compute[i], 2),
-        "smoothed_slowdown": _r(scores.smooth[i]), "z_smoothed": _r(scores.z_smooth[i], 2),
+        # largest CUSUM chart over its threshold (>= 1 opened the episode), and the peers' spread
+        "sequential_evidence": _r(scores.evidence_ratio[i], 3), "peer_noise_rel": _r(scores.noise_compute[i]),
         "dataloader_s": _r(dl), "peer_dataloader_s": _r(peer_d), "dataloader_excess": _r(scores.rel_dataloader[i]),
         "z_dataloader": _r(scores.z_dataloader[i], 2),
         "comm_wait_s": _r(scores.comm[i]) if scores.comm[i] == scores.comm[i] else None,

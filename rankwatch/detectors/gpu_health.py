@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rankwatch import xids as xid_table
 from rankwatch.detectors.config import DetectorConfig
 from rankwatch.detectors.episodes import Finding
 from rankwatch.detectors.model import GpuObs, Snapshot
@@ -19,12 +20,6 @@ from rankwatch.detectors.model import GpuObs, Snapshot
 # (nvmlClocksEventReason*): SW power cap, HW slowdown, SW thermal, HW thermal, HW power brake.
 THROTTLE_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
 THROTTLE_MASK = sum(THROTTLE_BITS)
-XID_MEANING = {
-    48: "double-bit ECC error", 63: "ECC page retirement / row remap recorded", 64: "row remap failure",
-    74: "NVLink error", 79: "GPU fell off the bus", 94: "contained ECC error", 95: "uncontained ECC error",
-    13: "graphics engine exception", 31: "GPU memory page fault", 43: "GPU stopped processing",
-    92: "high single-bit ECC rate", 119: "GSP RPC timeout", 120: "GSP error",
-}
 _BASELINE_LEN = 20
 
 
@@ -133,13 +128,16 @@ class GpuHealth:
                 xids[int(g.last_xid)] = 1.0
         if xids:
             d["xids"] = xids
-        critical = sorted(x for x in xids if x in cfg.critical_xids)
-        other = sorted(x for x in xids if x not in cfg.critical_xids)
+        # one classification with the exporter's health status and the alert rules (rankwatch.xids);
+        # the application's own XIDs (13, 31, 43, ...) are no GPU fault and raise nothing
+        sev_of = {x: xid_table.severity(x, cfg.critical_xids) for x in xids}
+        critical = sorted(x for x, sev in sev_of.items() if sev == "critical")
+        other = sorted(x for x, sev in sev_of.items() if sev == "warning")
         out = []
         for cls, codes, sev in (("critical", critical, "critical"), ("other", other, "warning")):
             if not codes and f"xid-{cls}:{key}" not in self._keep:
                 continue
-            names = ", ".join(f"XID {x} ({XID_MEANING.get(x, 'see the Xid catalog')})" for x in codes)
+            names = ", ".join(f"XID {x} ({xid_table.classify(x).text})" for x in codes)
             out.append(Finding(
                 key=f"xid-{cls}:{key}", flagged=bool(codes), subject={"node": g.node, "gpu": g.gpu},
                 score=float(sum(xids[x] for x in codes)), severity=sev,

@@ -62,7 +62,8 @@ NVLINK_INCREASE = {
 # SBE counts, power draw, utilisation. GpuObs leaves those fields None.
 XID_COUNT = "DCGM_EXP_XID_ERRORS_COUNT"
 EFA_PREFIX = "node_amazonefa_"
-EFA_THROUGHPUT_COUNTERS = ("tx_bytes", "rx_bytes")
+# traffic: bytes for the evidence, packets for the errors-per-packet rule (network.py)
+EFA_THROUGHPUT_COUNTERS = ("tx_bytes", "rx_bytes", "tx_pkts", "rx_pkts")
 
 # Identity lookback: a rank, GPU or node that stopped reporting stays known (as down or
 # absent) this long — the default lookback of Prometheus instant queries.

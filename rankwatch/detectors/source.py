@@ -22,7 +22,6 @@ from typing import Any
 from rankwatch.detectors.model import GpuObs, NicObs, NodeObs, RankObs, Snapshot
 from rankwatch.detectors.prom_client import PromClient, PromQueryError
 from rankwatch.detectors.promql import (
-    EFA_THROUGHPUT_COUNTERS,
     GPU_INCREASE,
     GPU_LAST_VALUE,
     GPU_WINDOW_AVG,
@@ -257,7 +256,8 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
                     nic.tx_bytes_rate = v / node_window_s
                 elif counter == "rx_bytes":
                     nic.rx_bytes_rate = v / node_window_s
-                if counter not in EFA_THROUGHPUT_COUNTERS:
+                if counter not in ("tx_bytes", "rx_bytes"):
+                    # error counters, and the packets the network rule divides them by
                     nic.increase[counter] = v
         snap.nics = [nics[k] for k in sorted(nics)]
         if ok(NIC_SEEN):

@@ -1,8 +1,8 @@
 """Throughput drop: the whole run steps slower than its own recent baseline.
 
 Keeps, per run, the median step time of each evaluation; a single upward change point
-(stats.change_point, Mann-Whitney tested) with a sustained shift of at least
-``throughput_drop_rel`` fires. A relative straggler score cannot see a job-wide slowdown; this
+(stats.change_point: the best Mann-Whitney split, its p-value corrected for choosing the split
+by a permutation test) with a sustained shift of at least ``throughput_drop_rel`` fires. A relative straggler score cannot see a job-wide slowdown; this
 can (the NVRx "individual" reference, done on the run instead of the rank)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ThroughputDetector:
                 flagged = recent > base * (1 + cfg.throughput_drop_rel / 2)
                 shift, p = recent / base - 1, None
             else:
-                cp = change_point(np.asarray(hist), cfg.throughput_min_segment)
+                cp = change_point(np.asarray(hist), cfg.throughput_min_segment, min_shift=cfg.throughput_drop_rel)
                 flagged, shift, p = False, 0.0, None
                 if cp is not None:
                     k, p, shift = cp

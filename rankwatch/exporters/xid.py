@@ -1,4 +1,4 @@
-"""XID errors: what each code means for GPU health, and the NVML event listener.
+"""XID errors: the NVML event listener (what each code means: ``rankwatch.xids``).
 
 The listener is one thread blocked in ``nvmlEventSetWait_v2``; it wakes only for an event
 or for its wait timeout (which bounds how long ``close()`` takes), so it costs no CPU
@@ -11,56 +11,14 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from rankwatch.xids import FAIL, PASS, WARN, XidClass, classify
 
 log = logging.getLogger(__name__)
 
-PASS, WARN, FAIL = 0, 10, 20
-
-
-@dataclass(frozen=True)
-class XidClass:
-    text: str
-    watch: str  # dcgm-exporter health_watch: MEM, NVLINK, PCIE, ALL, …
-    status: int  # PASS, WARN or FAIL
-    code: str  # DCGM_FR_* health_error_code
-
-
-# Texts follow NVIDIA's XID catalogue (dcgm-exporter uses the same wording for 48, 79, 94,
-# 95 and 119). Application-caused XIDs (13, 31, 43, 45, 69) do not make a GPU unhealthy.
-_XIDS: dict[int, XidClass] = {
-    13: XidClass("Graphics Engine Exception", "SM", PASS, "DCGM_FR_OK"),
-    31: XidClass("GPU memory page fault", "SM", PASS, "DCGM_FR_OK"),
-    43: XidClass("GPU stopped processing", "SM", PASS, "DCGM_FR_OK"),
-    45: XidClass("Preemptive cleanup, due to previous errors", "SM", PASS, "DCGM_FR_OK"),
-    48: XidClass("Double Bit ECC Error", "MEM", FAIL, "DCGM_FR_VOLATILE_DBE_DETECTED"),
-    61: XidClass("Internal micro-controller breakpoint/warning", "PMU", WARN, "DCGM_FR_XID_ERROR"),
-    62: XidClass("Internal micro-controller halt", "PMU", FAIL, "DCGM_FR_XID_ERROR"),
-    63: XidClass(
-        "ECC page retirement or row remapping recording event", "MEM", WARN, "DCGM_FR_PENDING_ROW_REMAP"
-    ),
-    64: XidClass(
-        "ECC page retirement or row remapper recording failure", "MEM", FAIL, "DCGM_FR_ROW_REMAP_FAILURE"
-    ),
-    69: XidClass("Graphics Engine class error", "SM", PASS, "DCGM_FR_OK"),
-    74: XidClass("NVLINK Error", "NVLINK", FAIL, "DCGM_FR_NVLINK_ERROR_CRITICAL"),
-    79: XidClass("GPU has fallen off the bus", "ALL", FAIL, "DCGM_FR_XID_ERROR"),
-    92: XidClass("High single-bit ECC error rate", "MEM", WARN, "DCGM_FR_VOLATILE_SBE_DETECTED"),
-    94: XidClass("Contained ECC error", "MEM", WARN, "DCGM_FR_XID_ERROR"),
-    95: XidClass("Uncontained ECC error", "ALL", FAIL, "DCGM_FR_UNCONTAINED_ERROR"),
-    119: XidClass("GSP RPC Timeout", "ALL", FAIL, "DCGM_FR_XID_ERROR"),
-    120: XidClass("GSP Error", "ALL", FAIL, "DCGM_FR_XID_ERROR"),
-    140: XidClass("Unrecovered ECC Error", "MEM", FAIL, "DCGM_FR_VOLATILE_DBE_DETECTED"),
-    154: XidClass("GPU Recovery Action Changed", "ALL", WARN, "DCGM_FR_XID_ERROR"),
-}
-
-
-def classify(xid: int) -> XidClass:
-    """Health meaning of an XID; an unknown code is a warning, as nobody has vetted it."""
-    if xid == 0:
-        return XidClass("No Error", "ALL", PASS, "DCGM_FR_OK")
-    return _XIDS.get(xid, XidClass("Unknown Error", "ALL", WARN, "DCGM_FR_XID_ERROR"))
+# The classification lives in rankwatch.xids, shared with the detector and the alert rules.
+__all__ = ["FAIL", "PASS", "WARN", "XidClass", "XidListener", "XidState", "classify", "handle_key"]
 
 
 def handle_key(handle: Any) -> Any:

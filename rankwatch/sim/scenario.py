@@ -217,7 +217,8 @@ def _hardware(sc: Scenario, job: TrainingJob, times: np.ndarray) -> tuple[dict, 
         elif f.kind == "dbe" and first is not None:
             g["dbe"][first:, col] += max(1.0, f.magnitude)
             g["last_xid"][first:, col] = 48
-            g["remap_pending"][first:, col] = 1
+            # The row remap stays pending until the GPU is reset: end_s is that reset.
+            g["remap_pending"][active, col] = 1
             g["health"][active, col] = 20
             xids.setdefault(48, np.zeros((K, G)))[first:, col] += 1
         elif f.kind == "xid79" and first is not None:
