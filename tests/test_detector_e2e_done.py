@@ -34,22 +34,33 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+def start_sim_node(env: dict[str, str], tmp_path: Path, port: int, hostname: str = "simnode-0") -> subprocess.Popen:
+    """`rankwatch node-exporter --simulate` (8 GPUs, 4 EFA devices) on 127.0.0.1:``port``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rankwatch", "node-exporter", "--simulate", "--simulate-efa", "4",
+         "--hostname", hostname, "--web.listen-address", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node.log", "w"), start_new_session=True)
+
+
+def start_slow_job(env: dict[str, str], tmp_path: Path, probe_base: int, run_id: str, *steps: str) -> subprocess.Popen:
+    """The probe example on 4 ranks (torchrun, gloo on CPU) with rank SLOW_RANK twice as slow;
+    ``steps``: how long it runs (``--steps N`` or ``--steps 0 --stop-file F``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         str(REPO / "examples" / "train_ddp.py"), "--slow-rank", str(SLOW_RANK), "--slow-factor", "2.0",
+         *steps, "--probe-port-base", str(probe_base), "--run-id", run_id],
+        env=env, cwd=tmp_path, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_detector_names_the_slowed_rank_of_a_real_job(prometheus_factory, tmp_path: Path, subprocess_env) -> None:
     env = dict(subprocess_env, RANKWATCH_NODE="simnode-0", OMP_NUM_THREADS="1")
     node_port = promserver.free_port()
     probe_base = free_port_block(4)
-    node = subprocess.Popen(
-        [sys.executable, "-m", "rankwatch", "node-exporter", "--simulate", "--simulate-efa", "4",
-         "--hostname", "simnode-0", "--web.listen-address", f"127.0.0.1:{node_port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node.log", "w"), start_new_session=True)
-    job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-         str(REPO / "examples" / "train_ddp.py"), "--slow-rank", str(SLOW_RANK), "--slow-factor", "2.0",
-         "--steps", "100000", "--probe-port-base", str(probe_base), "--run-id", "ddp-done"],
-        env=env, cwd=tmp_path, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    node = start_sim_node(env, tmp_path, node_port)
+    job = start_slow_job(env, tmp_path, probe_base, "ddp-done", "--steps", "100000")
     detector = None
     try:
         prom = prometheus_factory(scrape_config({

@@ -301,13 +301,15 @@ def test_chunked_prefetching_range_path_and_gzip_json_path_agree(scenario_replay
 
 
 def test_live_merges_the_efa_queries_into_one_and_splits_them_back(scenario_replay) -> None:
-    from rankwatch.detectors.promql import merge_for_instant
+    from rankwatch.detectors.promql import NIC_SEEN, RANK_INFO_NOW, RANK_INFO_SEEN, merge_for_instant
 
     sc, _, src, ds, _ = scenario_replay
     merged = merge_for_instant(src.queries)
-    efa = [q.name for q in src.queries if q.name.startswith("efa:")]
-    assert len(merged) == len(src.queries) - len(efa) + 1
-    assert [q.parts for q in merged if q.parts] == [tuple(efa)]
+    # the EFA counters and the NICs' identity (for coverage) travel in one request, and so do
+    # the ranks seen and the ranks in their target's last scrape
+    efa = [q.name for q in src.queries if q.name.startswith("efa:") or q.name == NIC_SEEN]
+    assert len(merged) == len(src.queries) - len(efa) + 1 - 1
+    assert [q.parts for q in merged if q.parts] == [(RANK_INFO_SEEN, RANK_INFO_NOW), tuple(efa)]
     separate = PromSource(PromClient(PromConnection(ds.url)), 15.0,
                           ["retrans_pkts", "retrans_timeout_events", "unresponsive_remote_events", "rx_drops"],
                           merge_instant=False)

@@ -35,8 +35,12 @@ FORMATS = ("json", "text")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="detector TOML (thresholds; [slack]/[wandb]/... for alerting)")
-    p.add_argument("--interval", type=float, metavar="S", help="seconds between evaluations (overrides interval_s)")
-    p.add_argument("--window", type=float, metavar="S", help="window of per-rank rates (overrides window_s)")
+    p.add_argument("--interval", type=float, metavar="S",
+                   help="seconds between evaluations, at least; overrides interval_s (default: 15, raised to the "
+                        "probes' scrape interval learned from the data)")
+    p.add_argument("--window", type=float, metavar="S",
+                   help="window of the rates, at least; overrides window_s (default: 15, raised to interval + scrape "
+                        "interval and 3 samples of each source)")
     p.add_argument("--events-file", metavar="FILE", help="also append the JSON-lines events to FILE (always JSON)")
     p.add_argument("--format", choices=FORMATS, default="json",
                    help="events on stdout as JSON lines for machines, or one readable line each (default: json)")
@@ -184,6 +188,17 @@ def load_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return config, raw
 
 
+def explicit_settings(args: argparse.Namespace, raw: dict[str, Any]) -> frozenset[str]:
+    """The cadence settings the user gave (command line or config file): only those get a
+    warning when the data makes them too short."""
+    table = raw.get("detector") if isinstance(raw.get("detector"), dict) else {}
+    given = set()
+    for flag, key in (("interval", "interval_s"), ("window", "window_s")):
+        if getattr(args, flag, None) is not None or key in raw or key in table:
+            given.add(key)
+    return frozenset(given)
+
+
 def build_sinks(raw: dict[str, Any], state_dir: Path, source: str, *, ephemeral: bool = False) -> list[Any]:
     """The alerting sink for the config's [slack]/[wandb]/[alertmanager]/... tables, if any.
     ``ephemeral``: ``state_dir`` is deleted at exit."""
@@ -225,6 +240,7 @@ def run_detector(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from rankwatch.detectors.cadence import Cadence
     from rankwatch.detectors.core import DetectorCore
     from rankwatch.detectors.heartbeat import HeartbeatLog
     from rankwatch.detectors.metrics import DetectorMetrics, MetricsServer
@@ -245,11 +261,13 @@ def run_detector(args: argparse.Namespace) -> int:
     server = MetricsServer(metrics, args.listen)
     state = DetectorState(state_db)
     source = PromSource(PromClient(conn), config.window_s, config.efa_error_counters)
+    cadence = Cadence(config, source.sample_spacing, explicit_settings(args, raw))
     writer = event_writer(args)
     core = DetectorCore(config)
     service = DetectorService(source, core, interval_s=config.interval_s, writer=writer,
                               sinks=sinks, state=state, metrics=metrics, query_delay_s=args.query_delay,
-                              max_catchup_s=args.max_catchup, on_cycle=HeartbeatLog(core, args.heartbeat_every))
+                              max_catchup_s=args.max_catchup, on_cycle=HeartbeatLog(core, args.heartbeat_every),
+                              cadence=cadence)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -258,7 +276,8 @@ def run_detector(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("detector: %s every %gs (window %gs); /metrics and /healthz on port %d; state in %s",
+    log.info("detector: %s every %gs or more (window %gs or more: both follow the data's sample spacing); "
+             "/metrics and /healthz on port %d; state in %s",
              _redact(conn.url), config.interval_s, config.window_s, server.port, state_db)
     try:
         service.run(stop)
@@ -273,7 +292,9 @@ def run_detector(args: argparse.Namespace) -> int:
 def run_detect(args: argparse.Namespace) -> int:
     import time
 
+    from rankwatch.detectors.cadence import Cadence
     from rankwatch.detectors.core import DetectorCore
+    from rankwatch.detectors.coverage_log import CoverageLog
     from rankwatch.detectors.prom_client import PromClient
     from rankwatch.detectors.replay import ReplayDataset
     from rankwatch.detectors.service import align_down, align_up, evaluate_range
@@ -303,20 +324,30 @@ def run_detect(args: argparse.Namespace) -> int:
                 t_min, t_max = parse_time(args.start, "--start"), parse_time(args.end, "--end")
                 if t_max <= t_min:
                     raise ConfigError(f"--end must be after --start ({args.start} .. {args.end})")
-            start, end = align_up(t_min, config.interval_s), align_down(t_max, config.interval_s)
             source = PromSource(PromClient(conn), config.window_s, config.efa_error_counters)
             began = time.perf_counter()
             try:
-                res = evaluate_range(source.snapshots(start, end, config.interval_s), DetectorCore(config),
-                                     writer=writer, sinks=sinks) if end >= start else None
+                # the whole range is known up front: learn its sample spacing once, then evaluate
+                # on the grid the live loop would have used for the same data
+                cadence = Cadence(config, explicit=explicit_settings(args, raw))
+                cadence.fix(source.sample_spacing_range(t_min, t_max))
+                plan = cadence.plan
+                source.set_windows(plan.window_s, plan.node_window_s)
+                interval = plan.interval_s
+                # from the first evaluation whose windows the data covers (before it, every rank would
+                # count as a rank without data)
+                start = align_up(t_min + max(plan.window_s, plan.node_window_s), interval)
+                end = align_down(t_max, interval)
+                res = evaluate_range(source.snapshots(start, end, interval), DetectorCore(config), writer=writer,
+                                     sinks=sinks, coverage_log=CoverageLog(), cadence=cadence) if end >= start else None
             finally:
                 source.close()
             took = time.perf_counter() - began
             if res is None or res.evaluations == 0:
-                log.warning("no evaluation time in %.0f..%.0f (interval %gs)", t_min, t_max, config.interval_s)
+                log.warning("no evaluation time in %.0f..%.0f (interval %gs)", t_min, t_max, interval)
             else:
                 log.info("%d evaluations from %.0f to %.0f (every %gs) in %.2fs: %d events", res.evaluations,
-                         res.first, res.last, config.interval_s, took, res.events)
+                         res.first, res.last, interval, took, res.events)
         finally:
             if dataset is not None:
                 dataset.close()

@@ -52,11 +52,17 @@ class DetectorConfig:
     raise nothing (see docs/detector.md and BENCHMARKS.md, detector section)."""
 
     # --- cadence -------------------------------------------------------------------------
+    # Both are floors: the detector learns each source's sample spacing from the data and
+    # evaluates at most once per probe scrape, over windows of at least interval + spacing and
+    # three samples (detectors/cadence.py). A value set here that the data makes too short is
+    # raised, with a warning.
     interval_s: float = 15.0  # seconds between evaluations
-    # Per-window quantities are means over this many seconds ending at the evaluation time.
-    # Equal to the interval by default so windows do not overlap and persistence counts
-    # independent evidence; keep it >= 2-3 scrape intervals of the probes.
-    window_s: float = 15.0
+    window_s: float = 15.0  # per-window quantities are rates over this many seconds
+
+    # --- coverage ------------------------------------------------------------------------
+    # A hole in the coverage (ranks of a live run without data, a silent node exporter under
+    # a live run, failing queries) that lasts this long (data time) raises a data_gap event.
+    gap_min_s: float = 120.0
 
     # --- stragglers ----------------------------------------------------------------------
     z_threshold: float = 3.5  # modified z-score (median/MAD, MAD scaled to sigma) to flag a rank
@@ -192,6 +198,7 @@ _DAY, _WEEK, _HUGE = 86_400.0, 604_800.0, 1e12
 _WINDOWS_MAX = 10_000
 _RANGES: dict[str, tuple[float, float]] = {
     "interval_s": (0.1, _DAY), "window_s": (0.1, _DAY), "warmup_s": (0.0, _WEEK), "hang_min_s": (0.0, _WEEK),
+    "gap_min_s": (0.0, _WEEK),
     "z_threshold": (0.0, 1000.0), "hang_factor": (0.0, 1e6), "cluster_gap_factor": (0.0, 1e6),
     "noise_tail_factor": (1.0, 100.0), "efa_min_errors_per_s": (0.0, 1e9), "health_fail_value": (0.0, 1e6),
     "min_group_size": (2, 100_000), "throughput_history": (2, 100_000),
@@ -203,7 +210,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 
 _POSITIVE = frozenset({
-    "interval_s", "window_s", "z_threshold", "resolve_windows", "missing_resolve_windows",
+    "interval_s", "window_s", "gap_min_s", "z_threshold", "resolve_windows", "missing_resolve_windows",
     "min_steps_per_window", "throttle_persist_windows", "gpu_resolve_windows", "health_fail_value",
     "efa_max_errors_per_packet", "efa_min_errors_per_s", "network_persist_windows",
     "network_resolve_windows", "hang_factor", "hang_min_s", "throughput_min_segment", "throughput_history",

@@ -2,7 +2,9 @@
 
 Runs the rules in dependency order — GPU health and network first, so that each straggler
 event can carry the hardware evidence that explains it; then stragglers, hangs and
-throughput — and turns the per-cycle verdicts into episodes (persistence, hysteresis)."""
+throughput, and last the coverage (``data_gap``) — and turns the per-cycle verdicts into
+episodes (persistence, hysteresis). A run that ended (none of its ranks answers for it any
+more) gets no verdict, and its open episodes close."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.coverage import Coverage, GapDetector, measure, tally_runs
 from rankwatch.detectors.diagnose import straggler_finding_text
 from rankwatch.detectors.episodes import EpisodeTracker, Finding
 from rankwatch.detectors.gpu_health import GpuHealth
@@ -26,6 +29,8 @@ from rankwatch.events import Event
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Episode kinds whose subject is a run: closed when their run ends.
+_RUN_KINDS = ("straggler", "hang", "throughput_drop", "data_gap")
 _BASIS_ALPHA = 0.05  # weight of one clean evaluation in a rank's clustering basis
 
 
@@ -52,11 +57,16 @@ class DetectorCore:
             "network": EpisodeTracker("network", cfg.network_persist_windows, cfg.network_resolve_windows, miss),
             "hang": EpisodeTracker("hang", 1, 1, miss),
             "throughput_drop": EpisodeTracker("throughput_drop", 1, 2, miss),
+            "data_gap": EpisodeTracker("data_gap", 1, 1, miss),
         }
         self.gpu = GpuHealth(cfg)
         self.net = NetworkHealth(cfg)
         self.hang = HangDetector(cfg)
         self.throughput = ThroughputDetector(cfg)
+        self.gaps = GapDetector(cfg)
+        # What the last evaluation saw out of what it knows (for logs, /metrics, heartbeats).
+        self.coverage: Coverage | None = None
+        self.ended_since: dict[str, float] = {}  # run -> data time it was first seen ended
         self.run_first_seen: dict[str, float] = {}
         self.last_time: float | None = None
         self.scores: dict[tuple[str, int], float] = {}
@@ -76,6 +86,10 @@ class DetectorCore:
         step_s = t - self.last_time if self.last_time is not None and t > self.last_time else None
         self.last_time = t
         events: list[Event] = []
+        rank_data = not _rank_queries_failed(snap)
+        tallies = tally_runs(snap.ranks)  # one pass over the ranks for the coverage and the hang rule
+        cov = self.coverage = measure(snap, tallies)
+        closing = self._close_ended_runs(t, cov) if rank_data else {}
 
         gpu_findings, gpu_diag = self.gpu.evaluate(snap, self.trackers["gpu_fault"].state.keys())
         net_findings, net_diag = self.net.evaluate(snap)
@@ -84,13 +98,14 @@ class DetectorCore:
         events += self.trackers["network"].update(t, net_findings)
 
         seen = self.run_first_seen
-        for run in {r.run for r in snap.ranks if r.up and r.steps_rate}:
-            seen.setdefault(run, t)
+        for run, a in tallies.items():
+            if a["adv"]:  # an answering rank completed steps in the window
+                seen.setdefault(run, t)
         warm = {run for run, first in seen.items() if t - first >= cfg.warmup_s}
         # the probe queries failed this cycle: their quantities are missing, never zero
-        if _rank_queries_failed(snap):
+        if not rank_data:
             rank_ranks = []
-        elif all(run in warm for run in {r.run for r in snap.ranks}):
+        elif all(run in warm for run in tallies):
             rank_ranks = snap.ranks
         else:
             rank_ranks = [r for r in snap.ranks if r.run in warm]
@@ -137,7 +152,7 @@ class DetectorCore:
                 score=s, summary=summary, severity=sev, evidence=ev,
                 resolved_summary=f"Rank {o.rank} of run {o.run} is no longer a straggler (score {s:.1f}).",
             ))
-        strag_events = self.trackers["straggler"].update(t, findings)
+        strag_events = self.trackers["straggler"].update(t, findings + closing.get("straggler", []))
         for e in strag_events:
             if e.state == "resolved" and e.run is not None and e.rank is not None:
                 # a new episode of the same rank needs new evidence
@@ -147,14 +162,52 @@ class DetectorCore:
         self.flagged = {(st["subject"]["run"], st["subject"]["rank"])
                         for st in self.trackers["straggler"].open_episodes().values()}
 
-        if not _rank_queries_failed(snap):
-            events += self.trackers["hang"].update(t, self.hang.evaluate(snap))
+        if rank_data:
+            events += self.trackers["hang"].update(t, self.hang.evaluate(snap, tallies) + closing.get("hang", []))
             open_tp = {st["subject"]["run"] for st in self.trackers["throughput_drop"].open_episodes().values()}
             causes = self._top_causes(snap)
-            events += self.trackers["throughput_drop"].update(t, self.throughput.evaluate(snap, warm, open_tp, causes))
-        order = {"gpu_fault": 0, "network": 1, "hang": 2, "straggler": 3, "throughput_drop": 4}
+            events += self.trackers["throughput_drop"].update(
+                t, self.throughput.evaluate(snap, warm, open_tp, causes) + closing.get("throughput_drop", []))
+        gap = self.trackers["data_gap"]
+        hung = {st["subject"].get("run") for st in self.trackers["hang"].open_episodes().values()}
+        closed = {f.key for f in closing.get("data_gap", [])}
+        gap_findings = [f for f in self.gaps.evaluate(snap, cov, gap.open_keys - closed, hung) if f.key not in closed]
+        events += gap.update(t, gap_findings + closing.get("data_gap", []))
+        order = {"gpu_fault": 0, "network": 1, "hang": 2, "straggler": 3, "throughput_drop": 4, "data_gap": 5}
         events.sort(key=lambda e: (e.state != "resolved", order.get(e.kind, 9)))
         return events
+
+    def _close_ended_runs(self, t: float, cov: Coverage) -> dict[str, list[Finding]]:
+        """Clean findings, resolving at once, for the open episodes of runs that ended: none of
+        their ranks answers (listed ended by the coverage) or none is known at all, at two
+        evaluations in a row (one scrape lost everywhere is not the end of a run)."""
+        live = set(cov.runs)
+        ended_now = set(cov.ended_runs)
+        for kind in _RUN_KINDS:
+            for st in self.trackers[kind].open_episodes().values():
+                run = st["subject"].get("run")
+                if run is not None and run not in live:
+                    ended_now.add(run)
+        for run in list(self.ended_since):
+            if run not in ended_now:
+                del self.ended_since[run]
+        closing: dict[str, list[Finding]] = defaultdict(list)
+        for run in ended_now:
+            since = self.ended_since.setdefault(run, t)
+            if since >= t:
+                continue
+            for kind in _RUN_KINDS:
+                for key, st in self.trackers[kind].open_episodes().items():
+                    if st["subject"].get("run") == run:
+                        closing[kind].append(Finding(
+                            key=key, flagged=False, subject=st["subject"], score=0.0, summary="",
+                            resolved_summary=f"Run {run} ended: its {kind} episode is closed.",
+                            evidence={"reason": "run ended", "ended_since": since}, resolve=1))
+        # forget what the rules keep per run once it has gone, so state stays bounded
+        for run in list(self.run_first_seen):
+            if run not in live and run not in ended_now:
+                del self.run_first_seen[run]
+        return closing
 
     def _warn_layout(self, sc: StragglerScores, young: np.ndarray) -> None:
         """Once per run: say that a rank slow from its first step cannot be found in a run
@@ -221,6 +274,7 @@ class DetectorCore:
             "trackers": {k: tr.export() for k, tr in self.trackers.items()},
             "gpu": self.gpu.export(), "network": self.net.export(), "hang": self.hang.export(),
             "throughput": self.throughput.export(),
+            "gaps": self.gaps.export(), "ended_since": self.ended_since,
             "evidence": self.evidence.export(), "evidence_width": self.evidence.width,
             "compute_basis": self.compute_basis.export(),
             "basis_count": self.basis_count.export(),
@@ -239,6 +293,8 @@ class DetectorCore:
         self.net.load(state.get("network", {}))
         self.hang.load(state.get("hang", {}))
         self.throughput.load(state.get("throughput", {}))
+        self.gaps.load(state.get("gaps", {}))
+        self.ended_since = {str(k): float(v) for k, v in state.get("ended_since", {}).items()}
         # charts of another configuration (a different number of them) start afresh
         if state.get("evidence_width") == self.evidence.width:
             self.evidence.load(state.get("evidence", {}))
@@ -261,6 +317,11 @@ def _attach_runs(snap: Snapshot, findings: list[Finding]) -> None:
     for r in snap.ranks:
         if r.node in nodes:
             on_node[r.node].append(r)
+    for node, ranks in on_node.items():
+        # ranks whose endpoints answer for them: a run that ended there is not the one hurt
+        answering = [r for r in ranks if r.up]
+        if answering:
+            on_node[node] = answering
     uuids = {(g.node, g.gpu): g.uuid for g in snap.gpus if g.uuid and g.node in nodes}
     for f in todo:
         node, gpu = f.subject["node"], f.subject.get("gpu")

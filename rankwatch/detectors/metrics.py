@@ -18,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from rankwatch.detectors.cadence import WindowPlan
+from rankwatch.detectors.coverage import SOURCES, Coverage
 from rankwatch.errors import ConfigError
 from rankwatch.events import Event
 from rankwatch.httpserver import HttpServer, Limits, parse_listen_address
@@ -75,13 +77,65 @@ class DetectorMetrics:
                                     "Data time of the last evaluation.", registry=r)
         self.observed = Gauge("rankwatch_detector_observed", "Objects in the last snapshot, by kind.",
                               ["kind"], registry=r)
-        self.interval = Gauge("rankwatch_detector_interval_seconds", "Configured evaluation interval.",
+        self.interval = Gauge("rankwatch_detector_interval_seconds",
+                              "Evaluation interval in use (the configured one, raised to the probes' scrape interval).",
                               registry=r)
         self.interval.set(interval_s)
+        # Coverage: what the detector sees out of what it knows (RankwatchDetectorBlind and
+        # RankwatchDetectorPartialCoverage alert on these).
+        self.coverage_known = Gauge(
+            "rankwatch_detector_coverage_known",
+            "Objects the detector knows, by source: ranks of live runs (world_size where stated), GPUs, EFA NICs, "
+            "node exporters.", ["source"], registry=r)
+        self.coverage_with_data = Gauge(
+            "rankwatch_detector_coverage_with_data",
+            "Objects with data in the last evaluation's window, by source (ranks, gpus, nics, nodes).", ["source"],
+            registry=r)
+        self.run_ranks_expected = Gauge("rankwatch_detector_run_ranks_expected",
+                                        "Ranks of a live run (world_size where the probes state it).", ["run"], registry=r)
+        self.run_ranks_with_data = Gauge("rankwatch_detector_run_ranks_with_data",
+                                         "Ranks of a live run with data in the last evaluation's window.", ["run"],
+                                         registry=r)
+        self.failed_queries = Gauge("rankwatch_detector_last_cycle_failed_queries",
+                                    "Queries that failed in the last cycle.", registry=r)
+        self.queries = Gauge("rankwatch_detector_last_cycle_queries", "Queries the last cycle sent.", registry=r)
+        self.spacing = Gauge("rankwatch_detector_sample_spacing_seconds",
+                             "Sample spacing learned from the data, by source (probe, node); absent while unknown.",
+                             ["source"], registry=r)
+        self.window = Gauge("rankwatch_detector_window_seconds", "Window of the rates in use, by source (probe, node).",
+                            ["source"], registry=r)
         self.started = time.time()
         self._last_ok_wall: float | None = None
         self._last_errors = 0
         self._last_t: float | None = None
+
+    def observe_plan(self, plan: WindowPlan) -> None:
+        self.interval_s = plan.interval_s
+        self.interval.set(plan.interval_s)
+        for source, spacing, window in (("probe", plan.spacing.probe_s, plan.window_s),
+                                        ("node", plan.spacing.node_s, plan.node_window_s)):
+            if spacing is None:
+                try:
+                    self.spacing.remove(source)
+                except KeyError:
+                    pass
+            else:
+                self.spacing.labels(source).set(spacing)
+            self.window.labels(source).set(window)
+
+    def observe_coverage(self, cov: Coverage, n_queries: int | None = None) -> None:
+        for source in SOURCES:
+            self.coverage_known.labels(source).set(cov.known[source])
+            self.coverage_with_data.labels(source).set(cov.with_data[source])
+        # runs come and go: rebuilt every cycle so an ended run does not linger
+        self.run_ranks_expected.clear()
+        self.run_ranks_with_data.clear()
+        for run, c in cov.runs.items():
+            self.run_ranks_expected.labels(run).set(c.expected)
+            self.run_ranks_with_data.labels(run).set(c.with_data)
+        self.failed_queries.set(len(cov.failed_queries))
+        if n_queries is not None:
+            self.queries.set(n_queries)
 
     def observe_cycle(self, *, t: float, duration_s: float, errors: list[str], events: list[Event],
                       scores: Mapping[tuple[str, int], float], flagged: Iterable[tuple[str, int]],

@@ -26,7 +26,9 @@ class RankObs:
     tp: int | None = None
     dp: int | None = None
     cp: int | None = None
-    up: bool = True  # its probe endpoint answered the last scrape
+    # its probe endpoint answered the last scrape, for this rank (an endpoint that now serves
+    # another run's rank does not answer for this one)
+    up: bool = True
     step: float | None = None  # rankwatch_step (the loop's own step number)
     last_step_time: float | None = None  # rankwatch_last_step_timestamp_seconds
     steps_rate: float | None = None  # completed steps per second over the window
@@ -108,7 +110,7 @@ class Snapshot:
     """Everything the detector knows at evaluation time ``time`` (Unix seconds, data time)."""
 
     time: float
-    window_s: float
+    window_s: float  # window of the probes' (per-rank) quantities
     ranks: list[RankObs] = field(default_factory=list)
     gpus: list[GpuObs] = field(default_factory=list)
     nics: list[NicObs] = field(default_factory=list)
@@ -116,3 +118,9 @@ class Snapshot:
     # Queries that failed this cycle: the detector must treat their quantities as missing,
     # never as zero (missing data is not a straggler).
     errors: list[str] = field(default_factory=list)
+    # Window of the node exporters' quantities (GPUs, NICs, nodes); None = ``window_s``. The
+    # two differ when probes and node exporters are scraped at different intervals.
+    node_window_s: float | None = None
+    # (node, device, port) of every NIC seen over the identity lookback, with data now or not:
+    # what the coverage counts NICs against. Scoring reads ``nics``.
+    nics_seen: list[tuple[str, str, str]] = field(default_factory=list)

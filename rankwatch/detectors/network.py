@@ -48,11 +48,12 @@ class NetworkHealth:
     def evaluate(self, snap: Snapshot) -> tuple[list[Finding], dict[str, dict[str, Any]]]:
         cfg = self.cfg
         devices: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        window = snap.node_window_s or snap.window_s  # the EFA counters' own window
         for nic in snap.nics:
             errs, packets = nic_errors(nic, cfg.efa_error_counters)
             total = sum(errs.values())
             devices[nic.node][f"{nic.device}/{nic.port}"] = {
-                "errors": errs, "packets": packets, "bad": nic_is_bad(total, packets, snap.window_s, cfg),
+                "errors": errs, "packets": packets, "bad": nic_is_bad(total, packets, window, cfg),
                 "errors_per_packet": (total / packets if packets else None) if packets is not None else None,
             }
         findings: list[Finding] = []
@@ -77,11 +78,11 @@ class NetworkHealth:
             findings.append(Finding(
                 key=f"efa:{node}", flagged=flagged, subject={"node": node, "nic": worst},
                 score=float(rate or 0.0) / cfg.efa_max_errors_per_packet if flagged else 0.0, severity="warning",
-                summary=(f"EFA errors on {node}, device {worst}: {names} in {snap.window_s:g} s, {per_million} "
+                summary=(f"EFA errors on {node}, device {worst}: {names} in {window:g} s, {per_million} "
                          f"(threshold {cfg.efa_max_errors_per_packet * 1e6:g} per million)."),
                 resolved_summary=f"EFA error rate on {node} is back under its threshold.",
                 evidence={"counters": counters, "devices": {dv: d for dv, d in devs.items() if d["bad"]} if flagged else {},
-                          "errors_per_packet": rate, "window_s": snap.window_s,
+                          "errors_per_packet": rate, "window_s": window,
                           "threshold_errors_per_packet": cfg.efa_max_errors_per_packet,
                           "floor_errors_per_s": cfg.efa_min_errors_per_s},
                 persist=cfg.network_persist_windows, resolve=cfg.network_resolve_windows,

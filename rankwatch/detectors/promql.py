@@ -69,6 +69,20 @@ EFA_THROUGHPUT_COUNTERS = ("tx_bytes", "rx_bytes", "tx_pkts", "rx_pkts")
 # absent) this long — the default lookback of Prometheus instant queries.
 IDENTITY_LOOKBACK_S = 300.0
 
+# The cheap series that say how often each source is scraped (one per rank / per node; present
+# at every scrape). Node spacing also reads dcgm-exporter's SM clock, for clusters that run
+# dcgm-exporter instead of rankwatch's node exporter.
+SPACING_SERIES = {
+    "probe": RANK_INFO,
+    "node": f'{{__name__=~"{NODE_INFO}|{GPU_PRESENCE_METRIC}"}}',
+}
+# Spans over which a series' mean sample spacing is measured: the longest one its history
+# covers wins (5 min: many samples, robust to a missed scrape; 1 min and 15 s: a job's first
+# samples — one interval between two samples is already exact, whatever the span). One
+# millisecond more than a round number so that no sample sits exactly on the window's edge,
+# where Prometheus 2 (closed windows) and 3 / VictoriaMetrics (left-open) disagree.
+SPACING_SPANS_MS = (300_001, 60_001, 15_001)
+
 
 def tagged(parts: Sequence[tuple[str, str]], label: str = "q") -> str:
     """Union of expressions, each tagged ``label="<tag>"`` so the rows say which is which. Cheap
@@ -92,6 +106,13 @@ class Query:
 
 # Label that tags the rows of a merged instant query with the name of their own query.
 QUERY_TAG = "rankwatch_query"
+NIC_SEEN = "nic_seen"
+RANK_INFO_SEEN = "rank_info_seen"
+RANK_INFO_NOW = "rank_info_now"
+# The live form of the two rank-info queries in one: every rank seen over the lookback, with the
+# time of its latest sample where that sample is in its target's last scrape, else 0. Same
+# labels on both sides of `or`: one row per rank. ``source`` splits it by value, not by tag.
+RANK_INFO_BOTH = "rank_info"
 
 
 def _instant_group(name: str) -> str | None:
@@ -99,7 +120,7 @@ def _instant_group(name: str) -> str | None:
     # 256 ranks, merging them saves the detector 10 ms of CPU per cycle and costs Prometheus
     # nothing, while merging the per-GPU or per-rank rates (256+ series each) cost Prometheus
     # more than it saved (``or`` matches every row of one side against the other).
-    return "efa" if name.startswith("efa:") else None
+    return "efa" if name.startswith("efa:") or name == NIC_SEEN else None
 
 
 def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
@@ -126,6 +147,12 @@ def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
             # CPU and half the decoding; in a range query the aggregation at every step costs
             # more than it saves.
             out.append(Query(q.name, f"max by (__name__, Hostname, gpu) ({q.expr})"))
+        elif q.name == RANK_INFO_SEEN and any(x.name == RANK_INFO_NOW for x in queries):
+            now = next(x for x in queries if x.name == RANK_INFO_NOW)
+            # One request instead of two (both are over every rank): see RANK_INFO_BOTH.
+            out.append(Query(RANK_INFO_BOTH, f"{now.expr} or 0 * {q.expr}", (RANK_INFO_SEEN, RANK_INFO_NOW)))
+        elif q.name == RANK_INFO_NOW:
+            continue  # answered by RANK_INFO_BOTH
         elif g is None or len(groups[g]) == 1:
             out.append(q)
         elif g not in done:
@@ -148,20 +175,41 @@ def _names(names: Sequence[str]) -> str:
     return "{__name__=~\"" + "|".join(names) + "\"}"
 
 
-def build_queries(window_s: float, efa_counters: Sequence[str]) -> list[Query]:
-    """The per-cycle query set for a window of ``window_s`` seconds ending at the evaluation time."""
+def spacing_query(source: str) -> str:
+    """Median over a source's series of each series' mean sample spacing in seconds.
+
+    Per series: (time of its last sample - time of its last sample one span ago) / samples in
+    the span — exact for any span when scrapes are regular, and computed by the server, so
+    the answer is one number whatever the number of targets."""
+    m = SPACING_SERIES[source]
+    parts = [f"quantile(0.5, (timestamp({m}) - timestamp({m} offset {ms}ms)) / (count_over_time({m}[{ms}ms]) > 0))"
+             for ms in SPACING_SPANS_MS]
+    return " or ".join(parts)
+
+
+def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: float | None = None) -> list[Query]:
+    """The per-cycle query set for windows ending at the evaluation time: ``window_s`` seconds
+    for the probes' series, ``node_window_s`` (default: the same) for the node exporters'."""
     w = duration(window_s)
-    lb = duration(max(window_s, IDENTITY_LOOKBACK_S))
+    nw = duration(node_window_s or window_s)
+    lb = duration(max(window_s, node_window_s or 0.0, IDENTITY_LOOKBACK_S))
     qs = [
         # Ranks: rankwatch_rank_info is the registry. A rank is fresh when its step counter has
         # samples in the window (rate() needs two): no separate freshness query.
-        Query("rank_info_seen", f"last_over_time({RANK_INFO}[{lb}])"),
+        Query(RANK_INFO_SEEN, f"last_over_time({RANK_INFO}[{lb}])"),
+        # Time of each rank's latest info sample: its endpoint answers for that rank when it is
+        # inside the window. Live, a series missing from its target's last scrape (the process
+        # exited or was stopped, or the port now serves another run) is marked stale and drops
+        # out at once; in a replay file its age says the same.
+        Query(RANK_INFO_NOW, f"timestamp({RANK_INFO})"),
         Query("rank_steps_rate", f"rate(rankwatch_steps_total[{w}])"),
         # Per-step means are divided out in the source: rate(x_seconds_total) / rate(steps_total).
         Query("rank_step_seconds_rate", f"rate(rankwatch_step_seconds_total[{w}])"),
         Query("rank_section_rate", f"rate(rankwatch_section_seconds_total[{w}])"),
         Query("rank_tokens_rate", f"rate(rankwatch_tokens_total[{w}])"),
-        Query("rank_gauges", f"last_over_time({_names(list(RANK_GAUGES))}[{w}])"),
+        # The step gauges over the lookback: a rank that stopped answering keeps its last
+        # known step (a hang names the rank that stopped first).
+        Query("rank_gauges", f"last_over_time({_names(list(RANK_GAUGES))}[{lb}])"),
         # Target health of probes and node exporters, matched to them by instance.
         Query("targets_up", f"up and on(instance) (last_over_time({RANK_INFO}[{lb}]) "
                             f"or last_over_time({NODE_INFO}[{lb}]))"),
@@ -169,23 +217,26 @@ def build_queries(window_s: float, efa_counters: Sequence[str]) -> list[Query]:
         # counts and freshness over the window.
         Query("node_values", tagged([
             ("seen", f"last_over_time({NODE_INFO}[{lb}])"),
-            ("fresh", f"last_over_time({_names([NODE_INFO, NODE_GPUS_EXPECTED, NODE_GPUS_ANSWERING])}[{w}])"),
+            ("fresh", f"last_over_time({_names([NODE_INFO, NODE_GPUS_EXPECTED, NODE_GPUS_ANSWERING])}[{nw}])"),
         ])),
         Query("gpu_seen", f"last_over_time({GPU_PRESENCE_METRIC}[{lb}])"),
-        Query("gpu_gauges", f"last_over_time({_names(list(GPU_LAST_VALUE))}[{w}])"),
+        Query("gpu_gauges", f"last_over_time({_names(list(GPU_LAST_VALUE))}[{nw}])"),
     ]
-    qs += [Query(f"gpu_avg:{tag}", f"avg_over_time({m}[{w}])") for tag, m in GPU_WINDOW_AVG.items()]
-    qs += [Query(f"gpu_increase:{tag}", f"increase({m}[{w}])") for tag, m in GPU_INCREASE.items()]
+    qs += [Query(f"gpu_avg:{tag}", f"avg_over_time({m}[{nw}])") for tag, m in GPU_WINDOW_AVG.items()]
+    qs += [Query(f"gpu_increase:{tag}", f"increase({m}[{nw}])") for tag, m in GPU_INCREASE.items()]
     # NVLink error counters are off in dcgm-exporter's defaults: one query for the four.
-    qs.append(Query("gpu_nvlink", tagged([(tag, f"increase({m}[{w}])") for tag, m in NVLINK_INCREASE.items()])))
+    qs.append(Query("gpu_nvlink", tagged([(tag, f"increase({m}[{nw}])") for tag, m in NVLINK_INCREASE.items()])))
     # XID counts per code. The series of a code appears when that XID first happens and
     # increase() never counts a series' first sample: a series absent one window ago counts
     # its whole value.
     xid = f'{XID_COUNT}{{xid!=""}}'
-    qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {w}) or increase({xid}[{w}])"))
+    qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {nw}) or increase({xid}[{nw}])"))
     counters = list(dict.fromkeys([*efa_counters, *EFA_THROUGHPUT_COUNTERS]))
     bad = [c for c in counters if not re.fullmatch(r"[A-Za-z0-9_]+", c)]
     if bad:  # the config checks them (config.check_metric_suffix); never paste anything else
         raise ValueError(f"EFA counter names must be metric-name suffixes, got {bad!r}")
-    qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{w}])") for c in counters]
+    qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{nw}])") for c in counters]
+    # Which NICs exist (seen over the lookback), so that a NIC without data in the window is
+    # counted as unwatched rather than not known.
+    qs.append(Query(NIC_SEEN, f"last_over_time({EFA_PREFIX}{EFA_THROUGHPUT_COUNTERS[0]}[{lb}])"))
     return qs

@@ -5,7 +5,11 @@ Nothing outside the loop's control stops it: failed queries are in the Snapshot 
 counted in /metrics), a sink that raises is logged and counted, an unexpected error in a cycle
 is logged and the next cycle runs. Live mode evaluates at multiples of the interval (data time),
 a few seconds after they pass so the scrapes have landed; after a restart it first catches up
-on the evaluations it missed (bounded by ``max_catchup_s``)."""
+on the evaluations it missed (bounded by ``max_catchup_s``).
+
+With a ``Cadence`` the loop follows the data: the sample spacing is learned at the first cycle
+and re-learned regularly, the source's windows and the evaluation interval follow it, and the
+log says what is watched (a summary per run, one line per coverage change)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from rankwatch.detectors.cadence import Cadence
+from rankwatch.detectors.coverage import Coverage
+from rankwatch.detectors.coverage_log import CoverageLog
 from rankwatch.detectors.metrics import DetectorMetrics
 from rankwatch.detectors.model import Snapshot
 from rankwatch.detectors.state import DetectorState, StateError
@@ -105,6 +112,8 @@ class CycleResult:
     duration_s: float
     all_failed: bool
     snapshot: Snapshot | None = None  # what was evaluated (None when the cycle failed)
+    # what the evaluation saw out of what it knows (``Coverage.describe()`` is one log line)
+    coverage: Coverage | None = None
 
 
 class DetectorService:
@@ -112,11 +121,13 @@ class DetectorService:
                  sinks: Iterable[EventSink] = (), state: DetectorState | None = None,
                  metrics: DetectorMetrics | None = None, query_delay_s: float = 2.0, max_catchup_s: float = 3600.0,
                  clock: Callable[[], float] = time.time,
-                 on_cycle: Callable[[CycleResult], None] | None = None) -> None:
+                 on_cycle: Callable[[CycleResult], None] | None = None, cadence: Cadence | None = None) -> None:
         self.source = source
         self.on_cycle = on_cycle  # after every live cycle (the CLI's heartbeat)
         self.core = core
-        self.interval_s = float(interval_s)
+        self._interval_s = float(interval_s)
+        self.cadence = cadence
+        self.coverage_log = CoverageLog()
         self.writer = writer
         self.sinks = list(sinks)
         self.state = state
@@ -125,6 +136,7 @@ class DetectorService:
         self.max_catchup_s = max_catchup_s
         self.clock = clock
         self.last_time: float | None = None
+        self.cycles = 0
         if state is not None:
             saved, last = state.load()
             if saved is not None:
@@ -136,6 +148,29 @@ class DetectorService:
                 self.last_time = last
                 log.info("resumed detector state: last evaluation at %.0f", last)
             self._publish_pending()
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds between evaluations: the cadence's (following the data) when there is one."""
+        return self.cadence.plan.interval_s if self.cadence is not None else self._interval_s
+
+    def _follow_data(self, t: float) -> None:
+        """Re-learn the sample spacing when due; the source's windows follow the plan."""
+        if self.cadence is None:
+            return
+        changed = self.cadence.update(t)
+        plan = self.cadence.plan
+        set_windows = getattr(self.source, "set_windows", None)
+        if changed and set_windows is not None:
+            set_windows(plan.window_s, plan.node_window_s)
+        if self.metrics is not None and (changed or self.cycles == 0):
+            self.metrics.observe_plan(plan)
+
+    def _report_coverage(self, t: float) -> Coverage | None:
+        cov = self.coverage_log.observe_core(self.core, t, self.cadence.plan if self.cadence is not None else None)
+        if cov is not None and self.metrics is not None:
+            self.metrics.observe_coverage(cov, len(getattr(self.source, "queries", ())) or None)
+        return cov
 
     def _publish_pending(self) -> None:
         assert self.state is not None
@@ -163,6 +198,7 @@ class DetectorService:
         """Evaluate data time ``t``: snapshot, evaluate, save, publish. Never raises."""
         started = time.perf_counter()
         try:
+            self._follow_data(t)
             snap = self.source.snapshot(t)
             events = self.core.evaluate(snap)
         except Exception:
@@ -171,6 +207,8 @@ class DetectorService:
                 self.metrics.cycle_failures.inc()
             return CycleResult(t, [], ["cycle: unexpected error"], time.perf_counter() - started, True)
         self.last_time = t
+        self.cycles += 1
+        cov = self._report_coverage(t)
         ids: list[int] = []
         if self.state is not None:
             try:
@@ -199,7 +237,7 @@ class DetectorService:
                 flagged=self.core.flagged,
                 counts={"ranks": len(snap.ranks), "gpus": len(snap.gpus), "nics": len(snap.nics),
                         "nodes": len(snap.nodes)})
-        return CycleResult(t, events, list(snap.errors), duration, all_failed, snap)
+        return CycleResult(t, events, list(snap.errors), duration, all_failed, snap, cov)
 
     def first_time(self) -> float:
         """The first data time to evaluate: right after the saved one (catching up at most
@@ -228,6 +266,7 @@ class DetectorService:
             if t > due:
                 stop.wait(max(0.0, t + self.query_delay_s - self.clock()))
                 continue
+            interval = self.interval_s
             res = self.run_cycle(t)
             if self.on_cycle is not None:
                 try:
@@ -235,6 +274,8 @@ class DetectorService:
                 except Exception:
                     log.exception("cycle hook failed")
             t += self.interval_s
+            if self.interval_s != interval:
+                t = align_up(t, self.interval_s)  # the data's spacing changed the grid
             if res.all_failed:
                 # Nothing answered: do not replay a backlog into an unreachable server.
                 t = max(t, align_down(self.clock() - self.query_delay_s, self.interval_s))
@@ -260,14 +301,18 @@ class RangeResult:
 
 
 def evaluate_range(snapshots: Iterable[Snapshot], core: Core, *, writer: EventWriter | None = None,
-                   sinks: Iterable[EventSink] = ()) -> RangeResult:
+                   sinks: Iterable[EventSink] = (), coverage_log: CoverageLog | None = None,
+                   cadence: Cadence | None = None) -> RangeResult:
     """Replay and backtest: evaluate a sequence of Snapshots (data time) and publish the events
-    of each evaluation before the next, exactly as the live loop would have."""
+    of each evaluation before the next, exactly as the live loop would have (and log the same
+    coverage lines with ``coverage_log``)."""
     sinks = list(sinks)
     n = n_events = 0
     first = last = None
     for snap in snapshots:
         events = core.evaluate(snap)
+        if coverage_log is not None:
+            coverage_log.observe_core(core, snap.time, cadence.plan if cadence is not None else None)
         n += 1
         n_events += len(events)
         first = snap.time if first is None else first

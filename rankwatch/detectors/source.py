@@ -15,7 +15,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -25,14 +25,19 @@ from rankwatch.detectors.promql import (
     GPU_INCREASE,
     GPU_LAST_VALUE,
     GPU_WINDOW_AVG,
+    NIC_SEEN,
     NODE_GPUS_ANSWERING,
     NODE_GPUS_EXPECTED,
     NODE_INFO,
     QUERY_TAG,
     RANK_GAUGES,
+    RANK_INFO_BOTH,
+    RANK_INFO_NOW,
+    RANK_INFO_SEEN,
     Query,
     build_queries,
     merge_for_instant,
+    spacing_query,
 )
 
 log = logging.getLogger(__name__)
@@ -146,16 +151,17 @@ def _gc_paused() -> Iterator[None]:
 
 
 def build_snapshots(times: Sequence[float], window_s: float, results: Mapping[str, list[Series]],
-                    errors: Sequence[str] = ()) -> list[Snapshot]:
+                    errors: Sequence[str] = (), node_window_s: float | None = None) -> list[Snapshot]:
     """One Snapshot per time in ``times`` (evenly spaced) from the series of each query of
-    ``promql.build_queries``. A query name absent from ``results`` means that query failed:
-    its quantities stay missing."""
+    ``promql.build_queries`` (probe windows of ``window_s``, node windows of ``node_window_s``,
+    default the same). A query name absent from ``results`` means that query failed: its
+    quantities stay missing."""
     with _gc_paused():
-        return _build_snapshots(times, window_s, results, errors)
+        return _build_snapshots(times, window_s, results, errors, node_window_s or window_s)
 
 
 def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[str, list[Series]],
-                     errors: Sequence[str]) -> list[Snapshot]:
+                     errors: Sequence[str], node_window_s: float) -> list[Snapshot]:
     tb = _Tables(times, results)
     ok = results.__contains__
 
@@ -178,6 +184,8 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
         return (k, lb.get("instance", "")) if k else None
 
     info_seen_t = tb.labelled("rank_info_seen", info_key)
+    # without the query (it failed, or hand-made results) a rank answers when its counters do
+    info_now_t = tb.table(RANK_INFO_NOW, info_key) if ok(RANK_INFO_NOW) else None
     # fresh = the rank's step counter has samples in the window, whatever its value
     fresh_t = tb.table("rank_steps_rate", info_key)
     steps_t = tb.table("rank_steps_rate", _rank_key)
@@ -200,11 +208,13 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
     efa_t = {name.split(":", 1)[1]: tb.table(
         name, lambda lb: (lb.get("instance", ""), lb["device"], lb.get("port") or "1") if lb.get("device") else None)
         for name in results if name.startswith("efa:")}
+    nic_seen_t = tb.table(NIC_SEEN, lambda lb: (lb.get("instance", ""), lb["device"], lb.get("port") or "1")
+                          if lb.get("device") else None)
 
     identity_cache: dict[int, dict[str, Any]] = {}  # keyed by id() of label dicts alive in `results`
     snaps: list[Snapshot] = []
     for i, t in enumerate(times):
-        snap = Snapshot(time=t, window_s=window_s, errors=list(errors))
+        snap = Snapshot(time=t, window_s=window_s, node_window_s=node_window_s, errors=list(errors))
         up = {k: v >= 1 for k, v in up_t[i].items()}
         host_of: dict[str, str] = {}
         for (ins, name), lbs in node_seen_t[i].items():
@@ -212,15 +222,20 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
             if name == NODE_INFO and host:
                 host_of[ins] = host
         if have_ranks:
-            snap.ranks = _ranks(i, info_seen_t, fresh_t, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
+            current = fresh_t[i] if info_now_t is None else \
+                {k for k, ts in info_now_t[i].items() if t - ts < window_s}
+            snap.ranks = _ranks(i, info_seen_t, fresh_t, current, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
                                 sections_t, identity_cache)
         if have_gpus:
-            snap.gpus = _gpus(i, window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
+            snap.gpus = _gpus(i, node_window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
         if have_nodes:
             nodes: dict[str, NodeObs] = {}
             for ins, host in host_of.items():
                 n = nodes.setdefault(host, NodeObs(node=host, exporter_up=False))
-                n.exporter_up = n.exporter_up or up.get(ins, (ins, NODE_INFO) in node_fresh_t[i])
+                # Reporting = its own series have a sample in the node window (the window its
+                # GPUs are judged on), not merely `up`: absence is judged against the data's
+                # spacing, so a GPU is never "lost" for lack of a sample its node lacks too.
+                n.exporter_up = n.exporter_up or ((ins, NODE_INFO) in node_fresh_t[i] and up.get(ins, True))
             for (ins, name), lbs in node_fresh_t[i].items():
                 # the exporter's GPU counts carry Hostname; else join through the instance
                 host = max(lb.get("Hostname", "") for lb, _ in lbs) or host_of.get(ins, "")
@@ -238,39 +253,47 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
                 host = host_of.get(ins) or _host_of_instance(ins)
                 nic = nics.setdefault((host, dev, port), NicObs(node=host, device=dev, port=port))
                 if counter == "tx_bytes":
-                    nic.tx_bytes_rate = v / window_s
+                    nic.tx_bytes_rate = v / node_window_s
                 elif counter == "rx_bytes":
-                    nic.rx_bytes_rate = v / window_s
+                    nic.rx_bytes_rate = v / node_window_s
                 if counter not in ("tx_bytes", "rx_bytes"):
                     # error counters, and the packets the network rule divides them by
                     nic.increase[counter] = v
         snap.nics = [nics[k] for k in sorted(nics)]
+        if ok(NIC_SEEN):
+            snap.nics_seen = sorted({(host_of.get(ins) or _host_of_instance(ins), dev, port)
+                                     for ins, dev, port in nic_seen_t[i]})
         snaps.append(snap)
     return snaps
 
 
-def _ranks(i: int, info_seen_t: list, fresh_t: list, up: dict[str, bool], steps_t: list,
-           step_sec_t: list, tokens_t: list, rank_gauges_t: list, sections_t: list,
+def _ranks(i: int, info_seen_t: list, fresh_t: list, current: Collection[Hashable], up: dict[str, bool],
+           steps_t: list, step_sec_t: list, tokens_t: list, rank_gauges_t: list, sections_t: list,
            identity_cache: dict[int, dict[str, Any]]) -> list[RankObs]:
     # rankwatch_rank_info is the registry of ranks. A rank that restarted elsewhere has two info
-    # series: prefer the fresh, answering one (then the larger instance, to be deterministic).
-    chosen: dict[tuple[str, int], tuple[tuple[int, int, str, str], Labels]] = {}
+    # series: prefer the current, fresh, answering one (then the larger instance, to be
+    # deterministic).
+    chosen: dict[tuple[str, int], tuple[tuple[int, int, int, str, str], Labels]] = {}
     for (key, ins), lbs in info_seen_t[i].items():
+        now = (key, ins) in current
         fresh = (key, ins) in fresh_t[i]
-        pref = (int(fresh), int(up.get(ins, fresh)), ins, key[2])
+        pref = (int(now), int(fresh), int(up.get(ins, now)), ins, key[2])
         if key[:2] not in chosen or pref > chosen[key[:2]][0]:
             chosen[key[:2]] = (pref, lbs[0][0])
     ranks: dict[tuple[str, int, str], RankObs] = {}
-    for (run, rank), ((fresh, _, ins, node), lb) in chosen.items():
+    for (run, rank), ((now, _, _, ins, node), lb) in chosen.items():
         static = identity_cache.get(id(lb))
         if static is None:  # parsed once per info series, not once per evaluation time
             static = identity_cache[id(lb)] = {
                 "local_rank": _int(lb.get("local_rank")), "world_size": _int(lb.get("world_size")),
                 "gpu": lb.get("gpu") or None, "gpu_uuid": lb.get("gpu_uuid") or None, "pp": _int(lb.get("pp")),
                 "tp": _int(lb.get("tp")), "dp": _int(lb.get("dp")), "cp": _int(lb.get("cp"))}
-        # Without an `up` series (replay files may lack it) a target answers if its series have
-        # samples inside the window.
-        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=up.get(ins, bool(fresh)), **static)
+        # An endpoint answers for the rank whose series it serves now (its info series is in the
+        # target's latest scrape): once a new job reuses the port, the old run's ranks are not
+        # "up" just because `up` is 1. Without an `up` series (replay files may lack it) that
+        # is all there is to know.
+        ranks[(run, rank, node)] = RankObs(run=run, rank=rank, node=node, up=bool(now) and up.get(ins, True),
+                                           **static)
     # Values join on (run, rank, node): series a rank left behind on another node are ignored.
     steps = steps_t[i]
     for key, v in steps.items():
@@ -343,14 +366,51 @@ class PromSource:
     contend for the GIL while parsing JSON)."""
 
     def __init__(self, client: PromClient, window_s: float, efa_counters: Sequence[str], *,
-                 max_workers: int = 4, chunk_steps: int = RANGE_CHUNK_STEPS, merge_instant: bool = True) -> None:
+                 node_window_s: float | None = None, max_workers: int = 4, chunk_steps: int = RANGE_CHUNK_STEPS,
+                 merge_instant: bool = True) -> None:
         self.client = client
         self.chunk_steps = max(1, int(chunk_steps))
-        self.window_s = float(window_s)
-        self.queries: list[Query] = build_queries(window_s, efa_counters)
-        self.instant_queries = merge_for_instant(self.queries) if merge_instant else list(self.queries)
+        self.efa_counters = tuple(efa_counters)
+        self.merge_instant = merge_instant
+        self.set_windows(window_s, node_window_s)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(self.queries))),
                                         thread_name_prefix="promql")
+
+    def set_windows(self, window_s: float, node_window_s: float | None = None) -> None:
+        """Probe and node-exporter windows of the following snapshots (the query set follows)."""
+        self.window_s = float(window_s)
+        self.node_window_s = float(node_window_s or window_s)
+        self.queries: list[Query] = build_queries(self.window_s, self.efa_counters, self.node_window_s)
+        self.instant_queries = merge_for_instant(self.queries) if self.merge_instant else list(self.queries)
+
+    def sample_spacing(self, t: float) -> dict[str, float | None]:
+        """Live: each source's sample spacing in seconds at data time ``t`` (median over its
+        series; None where the source has no series with history)."""
+        out: dict[str, float | None] = {}
+        for source in ("probe", "node"):
+            try:
+                rows = self.client.query(spacing_query(source), t)
+            except PromQueryError as exc:
+                log.warning("cannot learn the %s sample spacing at %.3f: %s", source, t, exc)
+                rows = []
+            vals = [v for _, v in rows if math.isfinite(v) and v > 0]
+            out[source] = vals[0] if vals else None
+        return out
+
+    def sample_spacing_range(self, start: float, end: float, points: int = 60) -> dict[str, float | None]:
+        """Replay/backtest: each source's sample spacing over ``start..end`` (median over about
+        ``points`` evaluation times of the per-time median over series)."""
+        step = max((end - start) / max(points - 1, 1), 1.0)
+        out: dict[str, float | None] = {}
+        for source in ("probe", "node"):
+            try:
+                rows = self.client.query_range(spacing_query(source), start, max(end, start), step)
+            except PromQueryError as exc:
+                log.warning("cannot learn the %s sample spacing over %.0f..%.0f: %s", source, start, end, exc)
+                rows = []
+            vals = sorted(v for _, pts in rows for _, v in pts if math.isfinite(v) and v > 0)
+            out[source] = vals[len(vals) // 2] if vals else None
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -391,6 +451,11 @@ class PromSource:
             if not q.parts:
                 results[q.name] = rows
                 continue
+            if q.name == RANK_INFO_BOTH:
+                # every row is a rank seen; those with a time are in their target's last scrape
+                results[RANK_INFO_SEEN] = rows
+                results[RANK_INFO_NOW] = [(labels, points) for labels, points in rows if points and points[0][1] > 0]
+                continue
             split: dict[str, list[Series]] = {name: [] for name in q.parts}
             for labels, points in rows:
                 part = split.get(labels.pop(QUERY_TAG, ""))
@@ -412,7 +477,7 @@ class PromSource:
             results, errors = self._run_all(instant, self.instant_queries)
             for e in errors:
                 log.debug("query failed at %.3f: %s", t, e)
-            return build_snapshots([t], self.window_s, results, errors)[0]
+            return build_snapshots([t], self.window_s, results, errors, self.node_window_s)[0]
 
     def snapshots(self, start: float, end: float, step: float) -> Iterator[Snapshot]:
         """Replay/backtest: one Snapshot per ``start + k*step <= end``, from range queries."""
@@ -437,6 +502,6 @@ class PromSource:
                     pending = submit(chunks[k + 1])
                 for e in errors:
                     log.warning("range query failed for %.3f..%.3f: %s", times[0], times[-1], e)
-                snaps = build_snapshots(times, self.window_s, results, errors)
+                snaps = build_snapshots(times, self.window_s, results, errors, self.node_window_s)
                 del results
             yield from snaps

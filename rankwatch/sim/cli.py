@@ -46,6 +46,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--node", type=int, default=None, help="target node index for efa faults (default: 1)")
     s.add_argument("--step", type=float, default=1.0, help="nominal step time in seconds (default: 1.0)")
     s.add_argument("--scrape", type=float, default=5.0, help="scrape interval in seconds (default: 5)")
+    s.add_argument("--node-scrape", type=float, default=None, metavar="S",
+                   help="scrape interval of the node exporters, a multiple of --scrape (default: --scrape)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the simulation (default: 0)")
     s.add_argument("--start-time", type=float, default=1_750_000_000.0,
                    help="Unix time of the job start (default: 1750000000)")
@@ -93,6 +95,10 @@ def build(args: argparse.Namespace) -> Any:
     nodes = -(-lay.world // gpn)
     if args.duration <= 0 or args.scrape <= 0 or args.step <= 0:
         raise ConfigError("--duration, --scrape and --step must be positive")
+    if args.node_scrape is not None:
+        ratio = args.node_scrape / args.scrape
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+            raise ConfigError(f"--node-scrape: must be a multiple of --scrape ({args.scrape:g} s), got {args.node_scrape:g}")
     if not 0 <= args.onset < args.duration:
         raise ConfigError(f"--onset: must be within the scenario (0 to {args.duration:g} s)")
     rank = args.rank if args.rank is not None else min(2 * gpn - 1, lay.world - 1)
@@ -118,7 +124,7 @@ def build(args: argparse.Namespace) -> Any:
         faults.append(Fault(kind, start_s=args.onset, end_s=end, magnitude=mag))
     return Scenario(args.name or kind, layout=lay, nodes=nodes, gpus_per_node=gpn, base_step_s=args.step,
                     duration_s=args.duration, seed=args.seed, faults=faults, scrape_s=args.scrape, run=args.run,
-                    start_time=args.start_time, pp_labels=not args.no_layout_labels)
+                    start_time=args.start_time, pp_labels=not args.no_layout_labels, node_scrape_s=args.node_scrape)
 
 
 def _scenario(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ Two outputs from the same telemetry, so they agree:
   dcgm-named GPU series, ``node_amazonefa_*`` EFA series and ``rankwatch_node_info`` per node;
   plus a ground-truth JSON of the injected faults.
 
-Counters are sampled every ``scrape_s`` seconds of job time, like a Prometheus scrape."""
+Counters are sampled every ``scrape_s`` seconds of job time, like a Prometheus scrape; in the
+replay file, the node exporters' series every ``node_scrape_s`` (a multiple of ``scrape_s``;
+default the same), as when Prometheus scrapes the two kinds of target at different intervals."""
 
 from __future__ import annotations
 
@@ -69,6 +71,13 @@ class Scenario:
     run: str = "sim-run"
     start_time: float = 1_750_000_000.0
     pp_labels: bool = True  # False: the probe does not know the layout (no pp/tp/dp labels)
+    node_scrape_s: float | None = None  # node exporters' scrape interval in the replay file (None: scrape_s)
+
+    def __post_init__(self) -> None:
+        if self.node_scrape_s is not None:
+            ratio = self.node_scrape_s / self.scrape_s
+            if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+                raise ValueError(f"node_scrape_s ({self.node_scrape_s:g}) must be a multiple of scrape_s ({self.scrape_s:g})")
 
     def job(self) -> TrainingJob:
         job = TrainingJob(self.layout, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
@@ -343,9 +352,18 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
                          "local_rank": lr, "node": node})
     node_lbl = [{"job": NODE_JOB, "instance": f"{node}:{NODE_PORT}"} for node in job.node_names]
 
-    def family(name: str, typ: str, help_: str, rows: list[tuple[str, np.ndarray]], mask: np.ndarray | None = None) -> None:
-        """rows: (label string, values over K); mask (K, len(rows)) = sample present."""
+    K = len(ts)
+    # scrapes of the node exporters: every k-th probe scrape
+    every = int(round((sc.node_scrape_s or sc.scrape_s) / sc.scrape_s))
+    node_k = (np.arange(K) % every == 0)[:, None]
+
+    def family(name: str, typ: str, help_: str, rows: list[tuple[str, np.ndarray]], mask: np.ndarray | None = None,
+               node: bool = False) -> None:
+        """rows: (label string, values over K); mask (K, len(rows)) = sample present; ``node``: a
+        node exporter's family (scraped every ``node_scrape_s``)."""
         nonlocal n
+        if node:
+            mask = np.broadcast_to(node_k, (K, len(rows))) if mask is None else node_k & mask
         out.write(f"# TYPE {name} {typ}\n# HELP {name} {help_}\n")
         sample_name = name if typ != "counter" else f"{name}_total"
         prefix = [f"{sample_name}{lbl} " for lbl, _ in rows]
@@ -358,11 +376,11 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
                 out.write(f"{prefix[c]}{_fmt(v)} {tk}\n")
                 n += 1
 
-    K = len(ts)
     ones = np.ones(K)
     # targets are up for the whole scenario (a hang keeps the endpoints answering)
     family("up", "gauge", "1 if the target answered the scrape.",
-           [(_labels(lb), ones) for lb in rank_lbl] + [(_labels(lb), ones) for lb in node_lbl])
+           [(_labels(lb), ones) for lb in rank_lbl] + [(_labels(lb), ones) for lb in node_lbl],
+           mask=np.hstack([np.ones((K, len(rank_lbl)), bool), np.repeat(node_k, len(node_lbl), axis=1)]))
     coords = job.coords
     info_rows = []
     for r, lb in enumerate(rank_lbl):
@@ -393,14 +411,15 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
 
     # node exporter: identity, GPU counts, dcgm-named GPU series, EFA series
     family("rankwatch_node_info", "gauge", "Host name of this node exporter's target.",
-           [(_labels({**lb, "Hostname": node}), ones) for lb, node in zip(node_lbl, job.node_names, strict=True)])
+           [(_labels({**lb, "Hostname": node}), ones) for lb, node in zip(node_lbl, job.node_names, strict=True)],
+           node=True)
     present = tel.gpu["present"]
     exp_rows, ans_rows = [], []
     for ni, lb in enumerate(node_lbl):
         exp_rows.append((_labels(lb), ones * gpn))
         ans_rows.append((_labels(lb), present[:, ni * gpn:(ni + 1) * gpn].sum(axis=1).astype(float)))
-    family("rankwatch_gpu_expected", "gauge", "GPUs this node should have.", exp_rows)
-    family("rankwatch_gpu_answering", "gauge", "GPUs that answered NVML at the last scrape.", ans_rows)
+    family("rankwatch_gpu_expected", "gauge", "GPUs this node should have.", exp_rows, node=True)
+    family("rankwatch_gpu_answering", "gauge", "GPUs that answered NVML at the last scrape.", ans_rows, node=True)
     gpu_lbl = []
     for ni, node in enumerate(job.node_names):
         for gi in range(gpn):
@@ -425,7 +444,8 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
         ("DCGM_FI_DEV_POWER_VIOLATION", "power_violation"),
         ("DCGM_EXP_GPU_HEALTH_STATUS", "health"),
     ):
-        family(name, "gauge", _DCGM_HELP[name], [(gl[c], gd[key][:, c]) for c in range(len(gl))], mask=present)
+        family(name, "gauge", _DCGM_HELP[name], [(gl[c], gd[key][:, c]) for c in range(len(gl))], mask=present,
+               node=True)
     xid_rows, xid_mask = [], []
     for x, arr in sorted(tel.xid_counts.items()):
         for c in range(len(gl)):
@@ -434,13 +454,13 @@ def write_openmetrics(tel: Telemetry, out: TextIO) -> int:
                 xid_mask.append(present[:, c])
     if xid_rows:
         family("DCGM_EXP_XID_ERRORS_COUNT", "gauge", "Count of XID errors seen since the exporter started.",
-               xid_rows, mask=np.stack(xid_mask, axis=1))
+               xid_rows, mask=np.stack(xid_mask, axis=1), node=True)
     for c, arr in tel.nic.items():
         rows = []
         for ni, lb in enumerate(node_lbl):
             for dv in range(EFA_DEVICES_PER_NODE):
                 rows.append((_labels({"device": efa_device(dv), "port": 1, **lb}), arr[:, ni, dv]))
-        family(f"node_amazonefa_{c}", "gauge", f"EFA hw counter {c}.", rows)
+        family(f"node_amazonefa_{c}", "gauge", f"EFA hw counter {c}.", rows, node=True)
     out.write("# EOF\n")
     return n
 
