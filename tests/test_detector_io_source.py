@@ -254,7 +254,11 @@ def test_promql_snapshot_equals_the_simulators_own(scenario_replay, offset: floa
     for a, b in zip(got.nics, want.nics, strict=True):
         assert (a.node, a.device) == (b.node, b.device)
         assert a.increase == pytest.approx({k: b.increase[k] for k in a.increase})
-        assert {"tx_pkts", "rx_pkts", "retrans_pkts"} <= set(a.increase)
+        assert {"tx_pkts", "rx_pkts"} <= set(a.increase)
+        # error counters come back only where they rose (``> 0`` in the query)
+        errors = set(a.increase) - {"tx_pkts", "rx_pkts"}
+        asked = {q.name.split(":", 1)[1] for q in src.queries if q.name.startswith("efa:")}
+        assert errors == {k for k in asked - {"tx_pkts", "rx_pkts", "tx_bytes", "rx_bytes"} if b.increase.get(k, 0) > 0}
         assert a.tx_bytes_rate == pytest.approx(b.tx_bytes_rate)
 
 

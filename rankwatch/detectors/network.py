@@ -19,16 +19,18 @@ import numpy as np
 from rankwatch.detectors.config import DetectorConfig
 from rankwatch.detectors.episodes import Finding
 from rankwatch.detectors.model import NicObs, Snapshot
+from rankwatch.detectors.promql import EFA_ERRORS_SUM, EFA_PACKETS_SUM
 
 PACKET_COUNTERS = ("tx_pkts", "rx_pkts")
 
 
 def nic_errors(nic: NicObs, counters: tuple[str, ...]) -> tuple[dict[str, float], float | None]:
     """(error events per counter, packets sent + received) of one NIC over the window; packets
-    None when the NIC reports no packet counters."""
+    None when the NIC reports no packet counters. Read through the detector's recording rules,
+    a NIC has its errors summed (``errors_sum``) and its packets summed (``packets_sum``)."""
     errs = {c: max(float(v), 0.0) for c, v in nic.increase.items()
-            if c in counters and v is not None and np.isfinite(v)}
-    pk = [nic.increase.get(c) for c in PACKET_COUNTERS]
+            if (c in counters or c == EFA_ERRORS_SUM) and v is not None and np.isfinite(v)}
+    pk = [nic.increase.get(c) for c in (*PACKET_COUNTERS, EFA_PACKETS_SUM)]
     if all(v is None or not np.isfinite(v) for v in pk):
         return errs, None
     return errs, float(sum(max(v, 0.0) for v in pk if v is not None and np.isfinite(v)))

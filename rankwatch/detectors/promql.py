@@ -44,6 +44,14 @@ GPU_LAST_VALUE = {  # gauge -> GpuObs field; latest value in the window
     "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": "clock_event_reasons",
     "DCGM_FI_DEV_GPU_TEMP": "temperature",
 }
+# Gauges whose healthy value is 0 (health pass, no XID, no remap or retirement pending): asked
+# for with ``> 0``, so that a healthy GPU sends no row for them; the source fills 0 for every
+# GPU that reported in the window (GPU_SPARSE_FILLED). At 16 384 GPUs that is 5 x 16 384 rows
+# (and 7 health watches each) a cycle fewer. The clock-event reasons and the temperature stay
+# dense: "no reason known" (absent) and "no reason" (0) differ to the throttling rule.
+GPU_SPARSE_GAUGES = ("DCGM_EXP_GPU_HEALTH_STATUS", "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+                     "DCGM_FI_DEV_ROW_REMAP_PENDING", "DCGM_FI_DEV_RETIRED_PENDING")
+GPU_SPARSE_FILLED = tuple(GPU_LAST_VALUE[m] for m in GPU_SPARSE_GAUGES)
 # The SM clock is averaged: a throttled GPU dips between scrapes, one sample can miss it.
 GPU_WINDOW_AVG = {"sm_clock": "DCGM_FI_DEV_SM_CLOCK"}
 GPU_INCREASE = {  # tag -> counter whose increase over the window is wanted
@@ -58,12 +66,33 @@ NVLINK_INCREASE = {
     "replay": "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
     "recovery": "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
 }
+# Counters whose zero increase is not read as such: asked for with ``> 0`` (only GPUs with new
+# replays come back). The others stay dense: a zero violation rate says "not throttled for
+# power or heat", which the throttling rule tells apart from "no reason known".
+SPARSE_GPU_INCREASE = frozenset({"pcie_replay"})
 # Not queried (the core does not use them, and every query costs a round trip per cycle):
 # SBE counts, power draw, utilisation. GpuObs leaves those fields None.
 XID_COUNT = "DCGM_EXP_XID_ERRORS_COUNT"
 EFA_PREFIX = "node_amazonefa_"
 # traffic: bytes for the evidence, packets for the errors-per-packet rule (network.py)
 EFA_THROUGHPUT_COUNTERS = ("tx_bytes", "rx_bytes", "tx_pkts", "rx_pkts")
+
+# The recording rules of alerts/rankwatch-rules.yml (group rankwatch.detector_inputs) the live query
+# set uses when they exist: the node side read through a series per EFA device port instead of
+# nine, and no series at all for a healthy GPU's flags and XID counts. RULES_PRESENT says that
+# the group runs (its value is 1, always, where the rules are evaluated).
+RULES_PRESENT = "rankwatch:detector_rules:present"
+RULE_GPU_FLAG = "rankwatch:gpu_flag:nonzero"
+RULE_GPU_XID = "rankwatch:gpu_xid_errors_count:nonzero"
+RULE_EFA_ERRORS = "rankwatch:efa_errors:sum"
+RULE_EFA_PACKETS = "rankwatch:efa_packets:sum"
+# The error counters RULE_EFA_ERRORS sums (the detector's default efa_error_counters; with
+# others configured, the EFA queries stay on the raw counters).
+RULE_EFA_COUNTERS = ("retrans_pkts", "retrans_timeout_events", "unresponsive_remote_events",
+                     "impaired_remote_conn_events", "rx_drops")
+# NicObs.increase keys of the rules path: errors of those counters together, packets both ways.
+EFA_ERRORS_SUM = "errors_sum"
+EFA_PACKETS_SUM = "packets_sum"
 
 # Identity lookback: a rank, GPU or node that stopped reporting stays known (as down or
 # absent) this long — the default lookback of Prometheus instant queries.
@@ -123,7 +152,50 @@ def _instant_group(name: str) -> str | None:
     return "efa" if name.startswith("efa:") or name == NIC_SEEN else None
 
 
-def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
+# The labels each query's join reads (``source.build_snapshots``), for the live form: an instant
+# query returns its rows as ``max by`` these labels — what the join would keep of duplicate
+# series anyway — so Prometheus encodes, and the detector decodes, nothing the join ignores
+# (at 16 384 ranks on p5 nodes: 250 MB of JSON per cycle before, mostly job, pci_bus_id,
+# DCGM_FI_DRIVER_VERSION and the like). A range query pays an aggregation at every step, so
+# replay keeps the plain selectors; the join sees the same rows either way.
+_RANK_IDENTITY = ("run", "rank", "node", "instance", "local_rank", "world_size", "gpu", "gpu_uuid", "pp", "tp", "dp",
+                  "cp")
+INSTANT_LABELS: dict[str, tuple[str, ...]] = {
+    RANK_INFO_SEEN: _RANK_IDENTITY,
+    RANK_INFO_NOW: _RANK_IDENTITY,
+    "rank_steps_rate": ("run", "rank", "node", "instance"),
+    "rank_step_seconds_rate": ("run", "rank", "node"),
+    "rank_section_rate": ("run", "rank", "node", "section"),
+    "rank_tokens_rate": ("run", "rank", "node"),
+    "rank_gauges": ("__name__", "run", "rank", "node"),
+    "targets_up": ("instance",),
+    "node_values": ("__name__", "instance", "Hostname", "q"),
+    "gpu_seen": ("Hostname", "gpu", "UUID", "modelName"),
+    "gpu_gauges": ("__name__", "Hostname", "gpu"),
+    "gpu_flags": ("__name__", "Hostname", "gpu"),
+    "gpu_nvlink": ("Hostname", "gpu", "q"),
+    "gpu_xid": ("Hostname", "gpu", "xid"),
+    NIC_SEEN: ("instance", "device", "port"),
+}
+_PREFIX_LABELS = {"gpu_avg:": ("Hostname", "gpu"), "gpu_increase:": ("Hostname", "gpu"),
+                  "efa:": ("instance", "device", "port")}
+
+
+def instant_labels(name: str) -> tuple[str, ...] | None:
+    if name in INSTANT_LABELS:
+        return INSTANT_LABELS[name]
+    return next((v for k, v in _PREFIX_LABELS.items() if name.startswith(k)), None)
+
+
+def lean(q: Query) -> Query:
+    """``q`` trimmed to the labels its join reads (instant queries only: see INSTANT_LABELS)."""
+    labels = instant_labels(q.name)
+    if labels is None:
+        return q
+    return Query(q.name, f"max by ({', '.join(labels)}) ({q.expr})", q.parts)
+
+
+def merge_for_instant(queries: Sequence[Query], large: bool = False) -> list[Query]:
     """The live (instant) form of the query set: small quantities merged into one tagged query
     per group, the GPU gauges trimmed to their key labels, the others left alone so that
     Prometheus evaluates them concurrently. Each request
@@ -131,23 +203,20 @@ def merge_for_instant(queries: Sequence[Query]) -> list[Query]:
     ``label_replace``/``or`` costs Prometheus next to nothing; in a range query Prometheus pays
     them at every step (4x the separate queries, measured), so replay keeps the separate form.
     Either way the rows are the same series with the same values: ``source`` splits a merged
-    result back by ``QUERY_TAG``."""
+    result back by ``QUERY_TAG``. ``large`` (tens of thousands of NICs): nothing is merged —
+    each ``or`` matches every row of the union so far, and at 65 536 NICs the merged EFA query
+    cost Prometheus 8.4 s of CPU where its parts, separate, cost 5.7 s."""
+    queries = [lean(q) for q in queries]
     groups: dict[str, list[Query]] = {}
     for q in queries:
-        g = _instant_group(q.name)
+        g = None if large else _instant_group(q.name)
         if g is not None:
             groups.setdefault(g, []).append(q)
     out: list[Query] = []
     done: set[str] = set()
     for q in queries:
-        g = _instant_group(q.name)
-        if q.name == "gpu_gauges":
-            # Trimmed to the labels the join keys on (the de-duplicating max the join would
-            # take anyway): a third of the bytes, and, in an instant query, 25 % less Prometheus
-            # CPU and half the decoding; in a range query the aggregation at every step costs
-            # more than it saves.
-            out.append(Query(q.name, f"max by (__name__, Hostname, gpu) ({q.expr})"))
-        elif q.name == RANK_INFO_SEEN and any(x.name == RANK_INFO_NOW for x in queries):
+        g = None if large else _instant_group(q.name)
+        if q.name == RANK_INFO_SEEN and any(x.name == RANK_INFO_NOW for x in queries):
             now = next(x for x in queries if x.name == RANK_INFO_NOW)
             # One request instead of two (both are over every rank): see RANK_INFO_BOTH.
             out.append(Query(RANK_INFO_BOTH, f"{now.expr} or 0 * {q.expr}", (RANK_INFO_SEEN, RANK_INFO_NOW)))
@@ -187,9 +256,12 @@ def spacing_query(source: str) -> str:
     return " or ".join(parts)
 
 
-def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: float | None = None) -> list[Query]:
+def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: float | None = None,
+                  rules: bool = False) -> list[Query]:
     """The per-cycle query set for windows ending at the evaluation time: ``window_s`` seconds
-    for the probes' series, ``node_window_s`` (default: the same) for the node exporters'."""
+    for the probes' series, ``node_window_s`` (default: the same) for the node exporters'.
+    ``rules``: read the GPU flags, XID counts and EFA counters through the recording rules of
+    the rankwatch.detector_inputs group (RULES_PRESENT) instead of the raw series."""
     w = duration(window_s)
     nw = duration(node_window_s or window_s)
     lb = duration(max(window_s, node_window_s or 0.0, IDENTITY_LOOKBACK_S))
@@ -218,25 +290,54 @@ def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: f
         Query("node_values", tagged([
             ("seen", f"last_over_time({NODE_INFO}[{lb}])"),
             ("fresh", f"last_over_time({_names([NODE_INFO, NODE_GPUS_EXPECTED, NODE_GPUS_ANSWERING])}[{nw}])"),
+            # whether the detector's recording rules run, with fresh EFA sums (one row): the next
+            # cycles' path; the GPU flags and XID counts are sparse, their freshness cannot show
+            ("rules", f"last_over_time({RULES_PRESENT}[{lb}]) and on () "
+                      f"(count(last_over_time({RULE_EFA_PACKETS}[{nw}])) > 0)"),
         ])),
         Query("gpu_seen", f"last_over_time({GPU_PRESENCE_METRIC}[{lb}])"),
-        Query("gpu_gauges", f"last_over_time({_names(list(GPU_LAST_VALUE))}[{nw}])"),
+        Query("gpu_gauges", f"last_over_time({_names([m for m in GPU_LAST_VALUE if m not in GPU_SPARSE_GAUGES])}"
+                            f"[{nw}])"),
+        Query("gpu_flags", f'label_replace({RULE_GPU_FLAG}, "__name__", "$1", "field", "(.+)")' if rules else
+              f"last_over_time({_names(list(GPU_SPARSE_GAUGES))}[{nw}]) > 0"),
     ]
     qs += [Query(f"gpu_avg:{tag}", f"avg_over_time({m}[{nw}])") for tag, m in GPU_WINDOW_AVG.items()]
-    qs += [Query(f"gpu_increase:{tag}", f"increase({m}[{nw}])") for tag, m in GPU_INCREASE.items()]
-    # NVLink error counters are off in dcgm-exporter's defaults: one query for the four.
-    qs.append(Query("gpu_nvlink", tagged([(tag, f"increase({m}[{nw}])") for tag, m in NVLINK_INCREASE.items()])))
+    qs += [Query(f"gpu_increase:{tag}", f"increase({m}[{nw}])" + (" > 0" if tag in SPARSE_GPU_INCREASE else ""))
+           for tag, m in GPU_INCREASE.items()]
+    # NVLink error counters are off in dcgm-exporter's defaults: one query for the four. Only
+    # GPUs with new errors come back (nothing reads a zero; at 16 384 GPUs the zeros were
+    # 65 536 rows per cycle).
+    qs.append(Query("gpu_nvlink", tagged([(tag, f"increase({m}[{nw}]) > 0") for tag, m in NVLINK_INCREASE.items()])))
     # XID counts per code. The series of a code appears when that XID first happens and
     # increase() never counts a series' first sample: a series absent one window ago counts
-    # its whole value.
-    xid = f'{XID_COUNT}{{xid!=""}}'
-    qs.append(Query("gpu_xid", f"({xid} unless {xid} offset {nw}) or increase({xid}[{nw}])"))
+    # its whole value. Only codes that happened come back: the source keeps nothing else.
+    # (Matching the "absent one window ago" on the GPU and code only, and filtering each side
+    # before the union: on 131 072 XID series, 1 s of Prometheus CPU instead of 5.)
+    xid = RULE_GPU_XID if rules else f'{XID_COUNT}{{xid!=""}}'
+    qs.append(Query("gpu_xid", f"(({xid} > 0) unless on (Hostname, gpu, xid) {xid} offset {nw}) "
+                               f"or (increase({xid}[{nw}]) > 0)"))
     counters = list(dict.fromkeys([*efa_counters, *EFA_THROUGHPUT_COUNTERS]))
     bad = [c for c in counters if not re.fullmatch(r"[A-Za-z0-9_]+", c)]
     if bad:  # the config checks them (config.check_metric_suffix); never paste anything else
         raise ValueError(f"EFA counter names must be metric-name suffixes, got {bad!r}")
-    qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{nw}])") for c in counters]
+    if rules and tuple(efa_counters) == RULE_EFA_COUNTERS:
+        # One error sum and one packet sum per device port; the per-counter breakdown and the
+        # byte throughput are not read on this path (the evidence says "errors_sum").
+        qs += [Query(f"efa:{EFA_ERRORS_SUM}", f"increase({RULE_EFA_ERRORS}[{nw}]) > 0"),
+               Query(f"efa:{EFA_PACKETS_SUM}", f"increase({RULE_EFA_PACKETS}[{nw}])"),
+               Query(NIC_SEEN, f"last_over_time({RULE_EFA_PACKETS}[{lb}]) unless on (instance, device, port) "
+                               f"increase({RULE_EFA_PACKETS}[{nw}])")]
+        return qs
+    # Error counters come back only where they rose: a NIC's zero errors and its absent error
+    # rows are the same to the network rule, while its packets and bytes (every NIC, always
+    # moving) keep every NIC in the snapshot.
+    qs += [Query(f"efa:{c}", f"increase({EFA_PREFIX}{c}[{nw}])" + (" > 0" if c in efa_counters else ""))
+           for c in counters]
     # Which NICs exist (seen over the lookback), so that a NIC without data in the window is
-    # counted as unwatched rather than not known.
-    qs.append(Query(NIC_SEEN, f"last_over_time({EFA_PREFIX}{EFA_THROUGHPUT_COUNTERS[0]}[{lb}])"))
+    # counted as unwatched rather than not known. Only the silent ones come back: those with
+    # data are known from the counters above (the source adds them), which at 65 536 NICs
+    # saves as many rows a cycle.
+    seen = f"{EFA_PREFIX}{EFA_THROUGHPUT_COUNTERS[0]}"
+    qs.append(Query(NIC_SEEN, f"last_over_time({seen}[{lb}]) unless on (instance, device, port) "
+                              f"increase({seen}[{nw}])"))
     return qs

@@ -24,6 +24,7 @@ from rankwatch.detectors.prom_client import PromClient, PromQueryError
 from rankwatch.detectors.promql import (
     GPU_INCREASE,
     GPU_LAST_VALUE,
+    GPU_SPARSE_FILLED,
     GPU_WINDOW_AVG,
     NIC_SEEN,
     NODE_GPUS_ANSWERING,
@@ -34,6 +35,7 @@ from rankwatch.detectors.promql import (
     RANK_INFO_BOTH,
     RANK_INFO_NOW,
     RANK_INFO_SEEN,
+    RULES_PRESENT,
     Query,
     build_queries,
     merge_for_instant,
@@ -51,7 +53,12 @@ Series = tuple[Labels, list[tuple[float, float]]]
 # short replay, measured no faster on 2 vCPUs (the joins and the core hold the GIL throughout).
 RANGE_CHUNK_STEPS = 240
 
-GPU_QUERIES = ("gpu_seen", "gpu_gauges", *(f"gpu_avg:{t}" for t in GPU_WINDOW_AVG),
+# Past this many NICs a live cycle sends each query on its own (promql.merge_for_instant).
+LARGE_NICS = 4096
+# The live queries that read the detector's recording rules on that path.
+RULE_QUERIES = ("gpu_flags", "gpu_xid")
+
+GPU_QUERIES = ("gpu_seen", "gpu_gauges", "gpu_flags", *(f"gpu_avg:{t}" for t in GPU_WINDOW_AVG),
                *(f"gpu_increase:{t}" for t in GPU_INCREASE), "gpu_nvlink", "gpu_xid")
 _GPU_FIELDS = frozenset({"health", "last_xid", "remap_failure", "remap_pending", "retired_pending",
                          "clock_event_reasons", "sm_clock", "temperature"})
@@ -197,6 +204,7 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
     have_gpus = ok("gpu_seen")
     gpu_seen_t = tb.labelled("gpu_seen", _gpu_key)
     gpu_gauges_t = tb.table("gpu_gauges", _named(_gpu_key))
+    gpu_flags_t = tb.table("gpu_flags", _named(_gpu_key)) if ok("gpu_flags") else None
     gpu_tag_t = {name.split(":", 1)[1]: tb.table(name, _gpu_key)
                  for name in results if name.startswith(("gpu_avg:", "gpu_increase:"))}
     nvlink_t = tb.table("gpu_nvlink", lambda lb: (k, lb.get("q")) if (k := _gpu_key(lb)) else None)
@@ -227,7 +235,7 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
             snap.ranks = _ranks(i, info_seen_t, fresh_t, current, up, steps_t, step_sec_t, tokens_t, rank_gauges_t,
                                 sections_t, identity_cache)
         if have_gpus:
-            snap.gpus = _gpus(i, node_window_s, gpu_seen_t, gpu_gauges_t, gpu_tag_t, nvlink_t, gpu_xid_t)
+            snap.gpus = _gpus(i, node_window_s, gpu_seen_t, gpu_gauges_t, gpu_flags_t, gpu_tag_t, nvlink_t, gpu_xid_t)
         if have_nodes:
             nodes: dict[str, NodeObs] = {}
             for ins, host in host_of.items():
@@ -261,8 +269,9 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
                     nic.increase[counter] = v
         snap.nics = [nics[k] for k in sorted(nics)]
         if ok(NIC_SEEN):
+            # the query returns the silent NICs; those with data in the window are known too
             snap.nics_seen = sorted({(host_of.get(ins) or _host_of_instance(ins), dev, port)
-                                     for ins, dev, port in nic_seen_t[i]})
+                                     for ins, dev, port in nic_seen_t[i]} | set(nics))
         snaps.append(snap)
     return snaps
 
@@ -317,8 +326,8 @@ def _ranks(i: int, info_seen_t: list, fresh_t: list, current: Collection[Hashabl
     return [ranks[k] for k in sorted(ranks)]
 
 
-def _gpus(i: int, window_s: float, gpu_seen_t: list, gpu_gauges_t: list, gpu_tag_t: dict[str, list],
-          nvlink_t: list, gpu_xid_t: list) -> list[GpuObs]:
+def _gpus(i: int, window_s: float, gpu_seen_t: list, gpu_gauges_t: list, gpu_flags_t: list | None,
+          gpu_tag_t: dict[str, list], nvlink_t: list, gpu_xid_t: list) -> list[GpuObs]:
     gpus: dict[tuple[str, str], GpuObs] = {}
     for key, lbs in gpu_seen_t[i].items():
         # max UUID: deterministic if a GPU was swapped inside the lookback
@@ -332,6 +341,17 @@ def _gpus(i: int, window_s: float, gpu_seen_t: list, gpu_gauges_t: list, gpu_tag
     for tag, table in gpu_tag_t.items():
         for key, v in table[i].items():
             vals.setdefault(key, {})[tag] = v
+    if gpu_flags_t is not None:
+        # Sparse gauges (``> 0`` in the query): a GPU that reported in the window and has no
+        # row for one of them reads 0 (health pass, no XID, nothing pending).
+        for d in vals.values():
+            for f in GPU_SPARSE_FILLED:
+                d.setdefault(f, 0.0)
+        for (key, name), v in gpu_flags_t[i].items():
+            if name in GPU_LAST_VALUE:
+                if key not in vals:  # only its flags reported (a GPU off the bus: health FAIL)
+                    vals[key] = dict.fromkeys(GPU_SPARSE_FILLED, 0.0)
+                vals[key][GPU_LAST_VALUE[name]] = v
     for (key, _tag), v in nvlink_t[i].items():  # CRC + replay + recovery errors
         d = vals.setdefault(key, {})
         d["nvlink"] = d.get("nvlink", 0.0) + v
@@ -367,11 +387,16 @@ class PromSource:
 
     def __init__(self, client: PromClient, window_s: float, efa_counters: Sequence[str], *,
                  node_window_s: float | None = None, max_workers: int = 4, chunk_steps: int = RANGE_CHUNK_STEPS,
-                 merge_instant: bool = True) -> None:
+                 merge_instant: bool = True, recording_rules: bool = True) -> None:
         self.client = client
         self.chunk_steps = max(1, int(chunk_steps))
         self.efa_counters = tuple(efa_counters)
         self.merge_instant = merge_instant
+        # Live path: the raw series, or the detector's recording rules once a cycle has seen
+        # them run (RULES_PRESENT); large: past LARGE_NICS NICs nothing is merged.
+        self.use_rules = False
+        self.recording_rules = recording_rules  # False: never take the rules path
+        self.large = False
         self.set_windows(window_s, node_window_s)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(self.queries))),
                                         thread_name_prefix="promql")
@@ -381,7 +406,38 @@ class PromSource:
         self.window_s = float(window_s)
         self.node_window_s = float(node_window_s or window_s)
         self.queries: list[Query] = build_queries(self.window_s, self.efa_counters, self.node_window_s)
-        self.instant_queries = merge_for_instant(self.queries) if self.merge_instant else list(self.queries)
+        self._set_instant()
+
+    def _set_instant(self) -> None:
+        qs = build_queries(self.window_s, self.efa_counters, self.node_window_s, rules=True) if self.use_rules \
+            else self.queries
+        self.instant_queries = merge_for_instant(qs, self.large) if self.merge_instant else list(qs)
+
+    @property
+    def path(self) -> str:
+        """Which series the live queries read: "recording rules" or "raw series"."""
+        return "recording rules" if self.use_rules else "raw series"
+
+    def _follow_rules(self, results: dict[str, list[Series]], errors: list[str]) -> bool:
+        """After a live cycle's queries: take the recording-rules path once they run, leave it
+        once they stop — withholding, this cycle, what was read through them (missing, not
+        zero). Returns whether the query set changes."""
+        if "node_values" not in results:
+            return False  # not known this cycle
+        rules_seen = self.recording_rules and any(lb.get("q") == "rules" for lb, _ in results["node_values"])
+        if rules_seen == self.use_rules:
+            return False
+        if self.use_rules:
+            log.warning("the detector's recording rules (%s) stopped answering: reading the raw series again",
+                        RULES_PRESENT)
+            for name in [n for n in results if n in RULE_QUERIES or n.startswith("efa:") or n == NIC_SEEN]:
+                del results[name]
+                errors.append(f"{name}: the recording rules it read stopped answering")
+        else:
+            log.info("the detector's recording rules (%s) answer: reading the GPU flags, XID counts and EFA "
+                     "counters through them", RULES_PRESENT)
+        self.use_rules = rules_seen
+        return True
 
     def sample_spacing(self, t: float) -> dict[str, float | None]:
         """Live: each source's sample spacing in seconds at data time ``t`` (median over its
@@ -475,9 +531,16 @@ class PromSource:
 
         with _gc_paused():  # the decoding threads allocate as much as the joins
             results, errors = self._run_all(instant, self.instant_queries)
+            changed = self._follow_rules(results, errors)
             for e in errors:
                 log.debug("query failed at %.3f: %s", t, e)
-            return build_snapshots([t], self.window_s, results, errors, self.node_window_s)[0]
+            snap = build_snapshots([t], self.window_s, results, errors, self.node_window_s)[0]
+        if (len(snap.nics) > LARGE_NICS) != self.large:
+            self.large = len(snap.nics) > LARGE_NICS
+            changed = True
+        if changed:
+            self._set_instant()
+        return snap
 
     def snapshots(self, start: float, end: float, step: float) -> Iterator[Snapshot]:
         """Replay/backtest: one Snapshot per ``start + k*step <= end``, from range queries."""

@@ -1,0 +1,141 @@
+"""The detector's recording rules (alerts/rankwatch-rules.yml, group rankwatch.detector_inputs):
+a real Prometheus evaluating them live over a real p5 node exporter and real probes, the
+detector taking that path once they answer — with the same GPUs, NICs and verdicts as through
+the raw series — and falling back when they stop: one cycle lacks what the rules gave (a query
+error, never a zero), the next reads the raw series."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from prometheus_client import start_http_server
+
+from rankwatch import promserver
+from rankwatch.assets import rule_files
+from rankwatch.detectors.config import DetectorConfig
+from rankwatch.detectors.core import DetectorCore
+from rankwatch.detectors.network import NetworkHealth
+from rankwatch.detectors.prom_client import PromClient, PromConnection
+from rankwatch.detectors.promql import RULE_EFA_COUNTERS, RULES_PRESENT, build_queries
+from rankwatch.detectors.source import PromSource
+from rankwatch.exporters.identity import RankIdentity
+from rankwatch.exporters.probe import Probe
+from rankwatch.sim.node import SimulatedNode
+
+SECTIONS = {"dataloader": 0.02, "forward": 0.3, "backward": 0.55, "optimizer": 0.05, "comm": 0.08}
+GROUP = "rankwatch.detector_inputs"
+
+
+def _detector_group() -> dict:
+    (group,) = [g for f in rule_files() for g in yaml.safe_load(f.read_text())["groups"] if g["name"] == GROUP]
+    return group
+
+
+def test_the_rules_sum_the_counters_the_detector_reads_by_default() -> None:
+    exprs = " ".join(r["expr"] for r in _detector_group()["rules"])
+    assert RULE_EFA_COUNTERS == DetectorConfig().efa_error_counters
+    assert all(c in exprs for c in RULE_EFA_COUNTERS)
+    assert any(r["record"] == RULES_PRESENT for r in _detector_group()["rules"])
+    # configured otherwise, the EFA queries stay on the raw counters even on the rules path
+    other = [q.expr for q in build_queries(15.0, ("retrans_pkts",), rules=True) if q.name.startswith("efa:")]
+    assert other and not any("rankwatch:efa" in e for e in other)
+
+
+@pytest.mark.slow
+def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, prometheus_factory, caplog) -> None:
+    node = SimulatedNode("node-rp", gpus=8, efa=32)
+    node_server = node.serve("127.0.0.1", 0)
+    node.efa.inject(3, "retransmits", rate=50_000)  # one device port far over the error rule
+    probes = [Probe("rp-run", port=0, identity=RankIdentity(rank=r, local_rank=r, world_size=8, node="node-rp",
+                                                          pp=r // 4, tp=r % 4, dp=0, gpu=r),
+                    wandb_run=None, cuda_timing=False) for r in range(8)]
+    servers, targets = [], []
+    for p in probes:
+        port = promserver.free_port()
+        servers.append(start_http_server(port, addr="127.0.0.1", registry=p.registry))
+        targets.append(f"127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def feed() -> None:
+        step = 0
+        while not stop.wait(0.2):
+            step += 1
+            for p in probes:
+                p.record_step(0.2, SECTIONS, tokens=4096, step=step)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    rules = tmp_path / "rules" / "detector.yml"
+    rules.parent.mkdir()
+    rules.write_text(yaml.safe_dump({"groups": [{**_detector_group(), "interval": "1s"}]}, sort_keys=False))
+    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(rules)],
+              "scrape_configs": [{"job_name": "rankwatch-node",
+                                  "static_configs": [{"targets": [f"127.0.0.1:{node_server.port}"]}]},
+                                 {"job_name": "rankwatch-probe", "static_configs": [{"targets": targets}]}]}
+    prom = prometheus_factory(yaml.safe_dump(config, sort_keys=False))
+    cfg = DetectorConfig(interval_s=3.0, window_s=3.0)
+    raw = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), cfg.window_s, cfg.efa_error_counters,
+                     recording_rules=False)
+    ruled = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), cfg.window_s, cfg.efa_error_counters)
+    caplog.set_level(logging.INFO, logger="rankwatch.detectors.source")
+    try:
+        promserver.wait_for_series(prom.url, "count_over_time(rankwatch:efa_packets:sum[5s]) >= 4", min_series=32,
+                                   timeout=90)
+        promserver.wait_for_series(prom.url, "count_over_time(up[5s]) >= 4", min_series=9, timeout=90)
+        t = time.time() - 1.0
+        first = ruled.snapshot(t)  # learns that the rules answer: the next cycles read them
+        assert ruled.path == "recording rules" and "answer" in caplog.text
+        t = time.time() - 1.0
+        a, b = raw.snapshot(t), ruled.snapshot(t)
+        assert raw.path == "raw series" and ruled.path == "recording rules"
+        assert a.errors == b.errors == first.errors == []
+        # the same GPUs with the same health, and the same NICs
+        assert [(g.node, g.gpu, g.present, g.health, g.last_xid, g.remap_pending) for g in a.gpus] == \
+               [(g.node, g.gpu, g.present, g.health, g.last_xid, g.remap_pending) for g in b.gpus]
+        assert [(n.node, n.device) for n in a.nics] == [(n.node, n.device) for n in b.nics] and len(a.nics) == 32
+        assert set(a.nics_seen) == set(b.nics_seen)
+        # packets: both ways summed by the rule, within a scrape of each other
+        for x, y in zip(a.nics, b.nics, strict=True):
+            assert y.increase["packets_sum"] == pytest.approx(x.increase["tx_pkts"] + x.increase["rx_pkts"], rel=0.5)
+        # the network verdict is the same: the one device with retransmits, on both paths
+        net = NetworkHealth(cfg)
+        fa, _ = net.evaluate(a)
+        fb, _ = net.evaluate(b)
+        assert [(f.key, f.flagged, f.subject["nic"]) for f in fa] == [(f.key, f.flagged, f.subject["nic"]) for f in fb]
+        assert [f.flagged for f in fa] == [True]
+        # and a whole core over the rules path raises what it raises over the raw path
+        ca, cb = DetectorCore(cfg), DetectorCore(cfg)
+        for _ in range(4):
+            time.sleep(cfg.interval_s)
+            t = time.time() - 1.0
+            ea, eb = ca.evaluate(raw.snapshot(t)), cb.evaluate(ruled.snapshot(t))
+            assert [(e.kind, e.state, e.node) for e in ea] == [(e.kind, e.state, e.node) for e in eb]
+        # the rules stop (a Prometheus without them): one cycle withholds what they gave —
+        # missing, never zero — and the next reads the raw series again
+        config.pop("rule_files")
+        (prom.workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        assert requests.post(prom.url + "/-/reload", timeout=30).status_code == 200
+        deadline = time.monotonic() + 120
+        while ruled.path == "recording rules" and time.monotonic() < deadline:
+            snap = ruled.snapshot(time.time() + 400)  # past the lookback: the rules' series are gone
+        assert ruled.path == "raw series" and "stopped answering" in caplog.text
+        assert any("recording rules it read stopped answering" in e for e in snap.errors)
+        assert not any(n.increase.get("packets_sum") for n in snap.nics)
+    finally:
+        stop.set()
+        feeder.join()
+        raw.close()
+        ruled.close()
+        for srv, _thread in servers:
+            srv.shutdown()
+        for p in probes:
+            p.close()
+        node_server.stop()
+        node.close()
