@@ -92,7 +92,7 @@ def child(args: argparse.Namespace) -> int:
                            "ranks": len(res.snapshot.ranks) if res.snapshot else 0,
                            "gpus": len(res.snapshot.gpus) if res.snapshot else 0,
                            "nics": len(res.snapshot.nics) if res.snapshot else 0,
-                           "rss": proc_mem()["VmRSS"]})
+                           "rss": proc_mem()["VmRSS"], "path": src.path})
             t += config.interval_s
     finally:
         svc.close()
@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=330.0, help="seconds of job (default: 330)")
     ap.add_argument("--timed", type=int, default=5, help="last cycles reported as steady state (default: 5)")
     ap.add_argument("--stores", nargs="+", default=["prometheus", "victoria"], help="(default: prometheus victoria)")
+    ap.add_argument("--paths", nargs="+", default=["raw", "rules"],
+                    help="raw: the stores hold the scraped series only; rules: the detector's recording rules "
+                         "evaluated over the data too (default: raw rules)")
+    ap.add_argument("--tail", type=int, default=6,
+                    help="from --tail-from ranks on, run only the last N cycles, not the whole job (default: 6)")
+    ap.add_argument("--tail-from", type=int, default=4096, help="(default: 4096)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
 
-    from scale_stores import load
+    from scale_stores import backfill_rules_prometheus, load, replay_rules_victoria
 
     from rankwatch.sim.scale import ScaleJob
 
@@ -170,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for ranks in args.sizes:
         job = ScaleJob(ranks=ranks, pp=PP.get(ranks, 8), duration_s=args.duration, scrape_s=SCRAPE_S,
                        straggler=ranks // 3, magnitude=0.25, onset_s=60.0, nodes_sample=args.nodes_sample, seed=5)
+        end = job.start_time + job.duration_s
+        first = job.start_time + INTERVAL_S if args.tail <= 0 or ranks < args.tail_from else \
+            end - (args.tail - 1) * INTERVAL_S
         with tempfile.TemporaryDirectory(prefix="bench-scale-cycle-") as tmp_s:
             tmp = Path(tmp_s)
             loaded = load(job, tmp, prometheus="prometheus" in args.stores, victoria="victoria" in args.stores)
@@ -177,33 +186,45 @@ def main(argv: list[str] | None = None) -> int:
                 waited = wait_compacted(loaded.prometheus.url) if loaded.prometheus else 0.0
                 print(f"{ranks} ranks: {loaded.samples:,} samples loaded ({loaded.timings}); "
                       f"Prometheus compaction settled after {waited:.0f} s", flush=True)
-                for store in args.stores:
-                    server = loaded.prometheus if store == "prometheus" else loaded.victoria
-                    assert server is not None
-                    out = run_child(server.url, server.proc.pid, job.start_time + INTERVAL_S,
-                                    job.start_time + job.duration_s, tmp / f"child-{store}")
-                    steady = out["cycles"][-args.timed:]
-                    row = {"ranks": ranks, "store": store, "samples": loaded.samples,
-                           "wall": statistics.median(c["wall"] for c in steady),
-                           "wall_max": max(c["wall"] for c in steady),
-                           "cpu": statistics.median(c["cpu"] for c in steady),
-                           "server_cpu": statistics.median(c["server_cpu"] for c in steady),
-                           "bytes": statistics.median(c["bytes"] for c in steady),
-                           "requests": steady[-1]["requests"], "rss_peak": out["rss_peak"],
-                           "errors": sorted({e for c in out["cycles"] for e in c["errors"]})[:3],
-                           "entities": (steady[-1]["ranks"], steady[-1]["gpus"], steady[-1]["nics"]),
-                           "events": [(e["kind"], e["state"], e["rank"]) for e in out["events"]],
-                           "straggler": job.straggler}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                for path in args.paths:
+                    if path == "rules":
+                        if loaded.prometheus is not None:
+                            loaded.prometheus, took = backfill_rules_prometheus(
+                                loaded.prometheus, tmp / "tsdb", job.start_time, end, tmp)
+                            waited = wait_compacted(loaded.prometheus.url)
+                            print(f"  rules backfilled into Prometheus in {took:.0f} s (+{waited:.0f} s compaction)",
+                                  flush=True)
+                        if loaded.victoria is not None:
+                            took = replay_rules_victoria(loaded.victoria, job.start_time, end, tmp)
+                            print(f"  rules replayed into VictoriaMetrics in {took:.0f} s", flush=True)
+                    for store in args.stores:
+                        server = loaded.prometheus if store == "prometheus" else loaded.victoria
+                        assert server is not None
+                        out = run_child(server.url, server.proc.pid, first, end, tmp / f"child-{store}-{path}")
+                        # the first cycle learns the store (which path, how many NICs): not steady
+                        steady = out["cycles"][1:][-args.timed:]
+                        row = {"ranks": ranks, "store": store, "path": steady[-1]["path"], "samples": loaded.samples,
+                               "wall": statistics.median(c["wall"] for c in steady),
+                               "wall_max": max(c["wall"] for c in steady),
+                               "cpu": statistics.median(c["cpu"] for c in steady),
+                               "server_cpu": statistics.median(c["server_cpu"] for c in steady),
+                               "bytes": statistics.median(c["bytes"] for c in steady),
+                               "requests": steady[-1]["requests"], "rss_peak": out["rss_peak"],
+                               "errors": sorted({e for c in out["cycles"] for e in c["errors"]})[:3],
+                               "entities": (steady[-1]["ranks"], steady[-1]["gpus"], steady[-1]["nics"]),
+                               "cycles": len(out["cycles"]),
+                               "events": [(e["kind"], e["state"], e["rank"]) for e in out["events"]],
+                               "straggler": job.straggler}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
             finally:
                 loaded.close()
     la = os.getloadavg()
     print(f"\nload average at the end {la[0]:.1f} {la[1]:.1f} {la[2]:.1f}")
-    print(f"{'ranks':>6} {'store':<10} {'cycle (median/max)':>19} {'detector CPU':>12} {'store CPU':>9} "
+    print(f"{'ranks':>6} {'store':<10} {'path':<16} {'cycle (median/max)':>19} {'detector CPU':>12} {'store CPU':>9} "
           f"{'bytes read':>11} {'requests':>8} {'detector RSS peak':>17}  events")
     for r in rows:
-        print(f"{r['ranks']:>6} {r['store']:<10} {r['wall']:>8.2f} / {r['wall_max']:>5.2f} s {r['cpu']:>10.2f} s "
+        print(f"{r['ranks']:>6} {r['store']:<10} {r['path']:<16} {r['wall']:>8.2f} / {r['wall_max']:>5.2f} s {r['cpu']:>10.2f} s "
               f"{r['server_cpu']:>7.2f} s {r['bytes'] / 1e6:>8.1f} MB {r['requests']:>8} "
               f"{r['rss_peak'] / (1 << 20):>13.0f} MiB  {r['events']} (straggler {r['straggler']})"
               + (f" ERRORS {r['errors']}" if r["errors"] else ""))

@@ -26,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -107,6 +109,68 @@ def import_victoria(tel: ScaleTelemetry, workdir: Path, extra_args: list[str] | 
         vm.stop()
         raise
     return vm, {"victoria_import_s": time.perf_counter() - t0}, n[0]
+
+
+def detector_rules_file(workdir: Path) -> Path:
+    """The rankwatch.detector_inputs group of the shipped rules, alone in a file (what the stores are
+    given to evaluate, or to backfill)."""
+    import yaml
+
+    from rankwatch.assets import rule_files
+
+    groups = [g for f in rule_files() for g in (yaml.safe_load(f.read_text()) or {}).get("groups", [])
+              if g.get("name") == "rankwatch.detector_inputs"]
+    if not groups:
+        raise RankwatchError("no rankwatch.detector_inputs rule group in alerts/")
+    path = workdir / "detector-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def backfill_rules_prometheus(prom: promserver.ManagedProcess, tsdb: Path, start: float, end: float,
+                              workdir: Path, eval_s: float = 15.0) -> tuple[promserver.ManagedProcess, float]:
+    """Evaluate the detector's recording rules over ``start..end`` (and a minute past it, as a
+    live Prometheus would go on evaluating them) with promtool (range queries
+    against ``prom``), add the blocks to its TSDB and restart it over them. Returns the new
+    server and the seconds it took."""
+    t0 = time.perf_counter()
+    rules = detector_rules_file(workdir)
+    out = workdir / "rule-blocks"
+    res = promserver.promtool("tsdb", "create-blocks-from", "rules", f"--start={int(start)}", f"--end={int(end) + 60}",
+                              f"--url={prom.url}", f"--output-dir={out}", f"--eval-interval={int(eval_s)}s",
+                              str(rules), timeout=3600)
+    if res.returncode != 0:
+        raise RankwatchError(f"promtool could not backfill the rules: {(res.stderr or res.stdout).strip()[-800:]}")
+    prom.stop()
+    for block in out.iterdir():
+        if block.is_dir():
+            shutil.move(str(block), str(tsdb / block.name))
+    new = promserver.start_prometheus(REPLAY_CONFIG, workdir=workdir / "prom-rules", storage_dir=tsdb, timeout=300)
+    return new, time.perf_counter() - t0
+
+
+def replay_rules_victoria(vm: promserver.ManagedProcess, start: float, end: float, workdir: Path,
+                          eval_s: float = 15.0) -> float:
+    """Evaluate the detector's recording rules over ``start..end`` with vmalert's replay mode,
+    writing the results into ``vm``. Returns the seconds it took."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    def rfc(x: float) -> str:
+        return datetime.fromtimestamp(x, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    t0 = time.perf_counter()
+    rules = detector_rules_file(workdir)
+    res = subprocess.run(["vmalert", f"-rule={rules}", f"-datasource.url={vm.url}", f"-remoteWrite.url={vm.url}",
+                          f"-replay.timeFrom={rfc(start)}", f"-replay.timeTo={rfc(end + 60)}",
+                          f"-evaluationInterval={int(eval_s)}s", "-replay.disableProgressBar",
+                          "-replay.rulesDelay=0s", "-httpListenAddr=127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise RankwatchError(f"vmalert could not replay the rules: {(res.stderr or res.stdout).strip()[-800:]}")
+    r = requests.get(vm.url + "/internal/force_flush", timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t0
 
 
 def load(job: ScaleJob, workdir: Path, *, prometheus: bool = True, victoria: bool = True,
