@@ -139,3 +139,34 @@ def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, p
             p.close()
         node_server.stop()
         node.close()
+
+
+@pytest.mark.slow
+def test_rules_evaluated_too_rarely_for_the_window_leave_the_raw_path_alone(tmp_path: Path,
+                                                                           prometheus_factory) -> None:
+    # Rules evaluated every 10 s against a 3 s node window: increase() over the rules' sums would
+    # see one sample at best. The detector must stay on the raw series at every cycle — not
+    # switch in whenever an evaluation happens to fall inside the window and lose the NICs at
+    # the next cycle.
+    node = SimulatedNode("node-slow", gpus=2, efa=4)
+    node_server = node.serve("127.0.0.1", 0)
+    rules = tmp_path / "detector.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{**_detector_group(), "interval": "10s"}]}, sort_keys=False))
+    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "rule_files": [str(rules)],
+              "scrape_configs": [{"job_name": "rankwatch-node",
+                                  "static_configs": [{"targets": [f"127.0.0.1:{node_server.port}"]}]}]}
+    prom = prometheus_factory(yaml.safe_dump(config, sort_keys=False))
+    src = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), 3.0, DetectorConfig().efa_error_counters)
+    try:
+        # three evaluations of the rules: 20 s of history with two of them inside no 3 s window
+        promserver.wait_for_series(prom.url, f"count_over_time({RULES_PRESENT}[1h]) >= 3", min_series=1, timeout=120)
+        end = float(requests.get(prom.url + "/api/v1/query", params={"query": f"timestamp({RULES_PRESENT})"},
+                                 timeout=30).json()["data"]["result"][0]["value"][1])
+        for k in range(21):  # a cycle every second of data time, over two evaluation intervals
+            snap = src.snapshot(end - 20.0 + k)
+            assert src.path == "raw series"
+            assert snap.errors == [] and len(snap.nics) == 4, (k, snap.errors)
+    finally:
+        src.close()
+        node_server.stop()
+        node.close()

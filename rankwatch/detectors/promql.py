@@ -290,10 +290,12 @@ def build_queries(window_s: float, efa_counters: Sequence[str], node_window_s: f
         Query("node_values", tagged([
             ("seen", f"last_over_time({NODE_INFO}[{lb}])"),
             ("fresh", f"last_over_time({_names([NODE_INFO, NODE_GPUS_EXPECTED, NODE_GPUS_ANSWERING])}[{nw}])"),
-            # whether the detector's recording rules run, with fresh EFA sums (one row): the next
-            # cycles' path; the GPU flags and XID counts are sparse, their freshness cannot show
+            # whether the detector's recording rules run, with EFA sums evaluated at least twice
+            # in the node window (what increase() needs; rules evaluated more rarely than that
+            # keep the detector on the raw series): the next cycles' path. The GPU flags and XID
+            # counts are sparse, their freshness cannot show.
             ("rules", f"last_over_time({RULES_PRESENT}[{lb}]) and on () "
-                      f"(count(last_over_time({RULE_EFA_PACKETS}[{nw}])) > 0)"),
+                      f"(count(count_over_time({RULE_EFA_PACKETS}[{nw}]) >= 2) > 0)"),
         ])),
         Query("gpu_seen", f"last_over_time({GPU_PRESENCE_METRIC}[{lb}])"),
         Query("gpu_gauges", f"last_over_time({_names([m for m in GPU_LAST_VALUE if m not in GPU_SPARSE_GAUGES])}"
