@@ -163,7 +163,8 @@ def replay_rules_victoria(vm: promserver.ManagedProcess, start: float, end: floa
     rules = detector_rules_file(workdir)
     res = subprocess.run(["vmalert", f"-rule={rules}", f"-datasource.url={vm.url}", f"-remoteWrite.url={vm.url}",
                           f"-replay.timeFrom={rfc(start)}", f"-replay.timeTo={rfc(end + 60)}",
-                          f"-evaluationInterval={int(eval_s)}s", "-replay.disableProgressBar",
+                          f"-evaluationInterval={int(eval_s)}s", f"-datasource.queryStep={int(eval_s)}s",
+                          "-replay.disableProgressBar",
                           "-replay.rulesDelay=0s", "-httpListenAddr=127.0.0.1:0"],
                          capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
