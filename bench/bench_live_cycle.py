@@ -8,17 +8,22 @@ same run: the round trip of a trivial query (`vector(1)`), the same cycle with t
 issued one after another instead of concurrently, and (``--baseline``) the same cycles through
 the client as it was before the I/O tuning — gzip responses, the standard library's JSON
 decoder, one request per query (EFA counters not merged) — timed alternately with the tuned
-client on the same data.
+client on the same data; and (``--state-ab REF``) the same cycles saving the state with the
+``DetectorState`` of git revision REF (``rankwatch/detectors/state.py`` as it was there: for
+the issue's item 3, the one-JSON-text state before "write only the parts that changed"),
+alternating, in turn first and second, with the current one on the same source.
 
-    .venv/bin/python bench/bench_live_cycle.py [--layout 8x4x8] [--cycles 30] [--baseline]
+    .venv/bin/python bench/bench_live_cycle.py [--layout 8x4x8] [--cycles 30] [--baseline] [--state-ab REF]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +38,36 @@ def proc_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def state_module_at(ref: str) -> object:
+    """``rankwatch.detectors.state`` as it is at git revision ``ref`` of this checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["git", "-C", str(repo), "show", f"{ref}:rankwatch/detectors/state.py"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"--state-ab {ref}: {res.stderr.strip()}")
+    path = Path(tempfile.mkdtemp(prefix="bench-state-")) / "state_at_ref.py"
+    path.write_text(res.stdout)
+    spec = importlib.util.spec_from_file_location("rankwatch.detectors._state_at_ref", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def timed_saves(state: object, out: list[float]) -> None:
+    """Record the wall time of each ``state.save`` in ``out``."""
+    save = state.save  # type: ignore[attr-defined]
+
+    def wrapped(*a: object, **k: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return save(*a, **k)
+        finally:
+            out.append(time.perf_counter() - t0)
+
+    state.save = wrapped  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layout", default="8x4x8", help="tp x pp x dp (default 8x4x8 = 256 ranks)")
@@ -40,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=900.0, help="seconds of simulated job (default 900)")
     ap.add_argument("--baseline", action="store_true",
                     help="also time the pre-tuning client (gzip, stdlib json, unmerged), alternating with the tuned one")
+    ap.add_argument("--state-ab", metavar="REF", default=None,
+                    help="also time cycles saving with the DetectorState of git revision REF, alternating with the "
+                         "current one (default: off)")
     args = ap.parse_args(argv)
 
     from rankwatch.detectors.config import DetectorConfig
@@ -69,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             src = PromSource(client, cfg.window_s, cfg.efa_error_counters)
             state = DetectorState(Path(tmp) / "state.sqlite")
             svc = DetectorService(src, DetectorCore(cfg), interval_s=cfg.interval_s, state=state)
+            saves: list[float] = []
+            ref_saves: list[float] = []
+            ref = None
+            if args.state_ab:
+                old_state = state_module_at(args.state_ab).DetectorState(Path(tmp) / "state-ref.sqlite")
+                ref = DetectorService(src, DetectorCore(cfg), interval_s=cfg.interval_s, state=old_state)
             base = None
             if args.baseline:
                 old = PromClient(PromConnection(url=ds.url, timeout_s=30, compress=True))
@@ -84,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 svc.run_cycle(t)
                 if base is not None:
                     base.run_cycle(t)
+                if ref is not None:
+                    ref.run_cycle(t)
+            timed_saves(state, saves)
+            if ref is not None:
+                timed_saves(ref.state, ref_saves)
             timed = times[len(warm):][: args.cycles]
             cycle, snap_s, eval_s = [], [], []
             for t in timed:
@@ -99,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             b_cycle: list[float] = []
             b_ours: list[float] = []
             b_prom: list[float] = []
-            for t in timed:
+            r_cycle: list[float] = []
+            r_ours: list[float] = []
+            r_prom: list[float] = []
+            for k, t in enumerate(timed):
                 runs = [(svc, cycle, cpu_ours, cpu_prom)]
                 if base is not None:
                     runs.append((base, b_cycle, b_ours, b_prom))
+                if ref is not None:
+                    runs.append((ref, r_cycle, r_ours, r_prom))
+                    if k % 2:  # in turn first and second: neither gets the warmer caches every time
+                        runs.reverse()
                 for s, wall, ours, prom in runs:
                     c0, p0 = time.process_time(), proc_cpu(prom_pid)
                     res = s.run_cycle(t + 0.0)  # the service path: snapshot + evaluate + SQLite save + publish
@@ -130,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             if base is not None:
                 base_src.close()
                 base.close()
+            if ref is not None:
+                ref.close()
 
     def ms(xs: list[float]) -> str:
         xs = sorted(xs)
@@ -151,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  its CPU per cycle: detector {ms(b_ours)}")
         print(f"                     Prometheus {ms(b_prom)}")
         print(f"  tuned/baseline median cycle: {statistics.median(cycle) / statistics.median(b_cycle):.2f}")
+    if ref is not None:
+        saves_t, ref_t = saves[-len(cycle):], ref_saves[-len(r_cycle):]
+        print(f"state save, this tree:                                           {ms(saves_t)}")
+        print(f"state save, DetectorState of {args.state_ab}:{' ' * max(1, 35 - len(args.state_ab))}{ms(ref_t)}")
+        print(f"baseline: cycles saving with the DetectorState of {args.state_ab}:{' ' * max(1, 14 - len(args.state_ab))}"
+              f"{ms(r_cycle)}")
+        print(f"  its CPU per cycle: detector {ms(r_ours)}")
+        print(f"  this tree/{args.state_ab} median cycle: {statistics.median(cycle) / statistics.median(r_cycle):.2f}, "
+              f"median save: {statistics.median(saves_t) / statistics.median(ref_t):.2f}")
     med = statistics.median(cycle)
     print(f"target <= 200 ms: {'met' if med <= 0.2 else 'NOT met'} (median {med * 1e3:.0f} ms)")
     return 0
