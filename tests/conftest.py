@@ -179,3 +179,22 @@ def free_port_block(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"no block of {n} free ports")
+
+
+def serve_node_probes(run: str, node: str, ranks: int = 8) -> tuple[list[Any], list[Any], list[str]]:
+    """The probes of ``ranks`` ranks on one node (pp of 4 ranks, tp within), each served on a
+    free loopback port: (probes, their (server, thread) pairs, their scrape targets)."""
+    from prometheus_client import start_http_server
+
+    from rankwatch.exporters.identity import RankIdentity
+    from rankwatch.exporters.probe import Probe
+
+    probes = [Probe(run, port=0, identity=RankIdentity(rank=r, local_rank=r, world_size=ranks, node=node,
+                                                       pp=r // 4, tp=r % 4, dp=0, gpu=r),
+                    wandb_run=None, cuda_timing=False) for r in range(ranks)]
+    servers, targets = [], []
+    for p in probes:
+        port = promserver.free_port()
+        servers.append(start_http_server(port, addr="127.0.0.1", registry=p.registry))
+        targets.append(f"127.0.0.1:{port}")
+    return probes, servers, targets

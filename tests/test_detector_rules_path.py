@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from prometheus_client import start_http_server
+from conftest import serve_node_probes
 
 from rankwatch import promserver
 from rankwatch.assets import rule_files
@@ -24,8 +24,6 @@ from rankwatch.detectors.network import NetworkHealth
 from rankwatch.detectors.prom_client import PromClient, PromConnection
 from rankwatch.detectors.promql import RULE_EFA_COUNTERS, RULES_PRESENT, build_queries
 from rankwatch.detectors.source import PromSource
-from rankwatch.exporters.identity import RankIdentity
-from rankwatch.exporters.probe import Probe
 from rankwatch.sim.node import SimulatedNode
 
 SECTIONS = {"dataloader": 0.02, "forward": 0.3, "backward": 0.55, "optimizer": 0.05, "comm": 0.08}
@@ -52,14 +50,7 @@ def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, p
     node = SimulatedNode("node-rp", gpus=8, efa=32)
     node_server = node.serve("127.0.0.1", 0)
     node.efa.inject(3, "retransmits", rate=50_000)  # one device port far over the error rule
-    probes = [Probe("rp-run", port=0, identity=RankIdentity(rank=r, local_rank=r, world_size=8, node="node-rp",
-                                                          pp=r // 4, tp=r % 4, dp=0, gpu=r),
-                    wandb_run=None, cuda_timing=False) for r in range(8)]
-    servers, targets = [], []
-    for p in probes:
-        port = promserver.free_port()
-        servers.append(start_http_server(port, addr="127.0.0.1", registry=p.registry))
-        targets.append(f"127.0.0.1:{port}")
+    probes, servers, targets = serve_node_probes("rp-run", "node-rp")
     stop = threading.Event()
 
     def feed() -> None:

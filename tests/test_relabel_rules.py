@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import serve_node_probes
 
 from rankwatch import promserver
 from rankwatch.assets import asset_dir, rule_files
@@ -21,8 +22,6 @@ from rankwatch.detectors.config import DetectorConfig
 from rankwatch.detectors.prom_client import PromClient, PromConnection
 from rankwatch.detectors.promql import build_queries
 from rankwatch.detectors.source import PromSource
-from rankwatch.exporters.identity import RankIdentity
-from rankwatch.exporters.probe import Probe
 from rankwatch.rulefiles import load_groups
 from rankwatch.sim.node import SimulatedNode
 
@@ -97,16 +96,7 @@ def _shape(snap) -> dict:
 def test_relabeled_scrapes_store_fewer_series_and_the_detector_sees_the_same(tmp_path: Path) -> None:
     node = SimulatedNode("node-rl", gpus=8, efa=32)
     node_server = node.serve("127.0.0.1", 0)
-    probes = [Probe("rl-run", port=0, identity=RankIdentity(rank=r, local_rank=r, world_size=8, node="node-rl",
-                                                          pp=r // 4, tp=r % 4, dp=0, gpu=r),
-                    wandb_run=None, cuda_timing=False) for r in range(8)]
-    from prometheus_client import start_http_server
-
-    servers, targets = [], []
-    for p in probes:
-        port = promserver.free_port()
-        servers.append(start_http_server(port, addr="127.0.0.1", registry=p.registry))
-        targets.append(f"127.0.0.1:{port}")
+    probes, servers, targets = serve_node_probes("rl-run", "node-rl")
     proms = {}
     try:
         node_target = f"127.0.0.1:{node_server.port}"
