@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                          "evaluated over the data too (default: raw rules)")
     ap.add_argument("--tail", type=int, default=6,
                     help="from --tail-from ranks on, run only the last N cycles, not the whole job (default: 6)")
-    ap.add_argument("--tail-from", type=int, default=4096, help="(default: 4096)")
+    ap.add_argument("--tail-from", type=int, default=4096, help="size in ranks from which --tail applies (default: 4096)")
+    ap.add_argument("--keep-state", type=Path, default=None, metavar="DIR",
+                    help="copy each run's detector state database into DIR, for bench/bench_state_save.py "
+                         "(default: not kept)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
@@ -201,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                         server = loaded.prometheus if store == "prometheus" else loaded.victoria
                         assert server is not None
                         out = run_child(server.url, server.proc.pid, first, end, tmp / f"child-{store}-{path}")
+                        if args.keep_state is not None:
+                            args.keep_state.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(tmp / f"child-{store}-{path}" / "state.sqlite",
+                                        args.keep_state / f"state-{ranks}-{store}-{path}.sqlite")
                         # the first cycle learns the store (which path, how many NICs): not steady
                         steady = out["cycles"][1:][-args.timed:]
                         row = {"ranks": ranks, "store": store, "path": steady[-1]["path"], "samples": loaded.samples,
