@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PP = {256: 4, 2048: 8, 4096: 8, 16384: 16}
 SCRAPE_S = 15.0
+VICTORIA_ARGS = ["-search.maxUniqueTimeseries=2000000", "-maxInsertRequestSize=268435456"]
 INTERVAL_S = 30.0  # windows of two scrape intervals, evaluations that do not overlap
 
 
@@ -185,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             end - (args.tail - 1) * INTERVAL_S
         with tempfile.TemporaryDirectory(prefix="bench-scale-cycle-") as tmp_s:
             tmp = Path(tmp_s)
-            # vmalert's instant query over the EFA error counters touches 5 series per EFA device:
-            # 327 680 at 16 384 ranks, past VictoriaMetrics' default limit of 300 000 per query
+            # vmalert's query over the EFA error counters touches 5 series per EFA device: 327 680
+            # at 16 384 ranks, past VictoriaMetrics' default limit of 300 000 per query; and its
+            # writes of one rule's results, 65 536 series, exceed the default 32 MB request
             loaded = load(job, tmp, prometheus="prometheus" in args.stores, victoria="victoria" in args.stores,
-                          victoria_args=["-search.maxUniqueTimeseries=2000000"])
+                          victoria_args=VICTORIA_ARGS)
             try:
                 waited = wait_compacted(loaded.prometheus.url) if loaded.prometheus else 0.0
                 print(f"{ranks} ranks: {loaded.samples:,} samples loaded ({loaded.timings}); "

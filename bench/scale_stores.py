@@ -167,8 +167,9 @@ def replay_rules_victoria(vm: promserver.ManagedProcess, start: float, end: floa
                           "-replay.disableProgressBar",
                           "-replay.rulesDelay=0s", "-httpListenAddr=127.0.0.1:0"],
                          capture_output=True, text=True, timeout=3600)
-    if res.returncode != 0:
-        raise RankwatchError(f"vmalert could not replay the rules: {(res.stderr or res.stdout).strip()[-800:]}")
+    dropped = [line for line in (res.stderr + res.stdout).splitlines() if "dropping" in line]
+    if res.returncode != 0 or dropped:  # vmalert exits 0 when its writes were refused
+        raise RankwatchError(f"vmalert could not replay the rules: {(dropped or [(res.stderr or res.stdout).strip()])[-1][-800:]}")
     r = requests.get(vm.url + "/internal/force_flush", timeout=600)
     r.raise_for_status()
     return time.perf_counter() - t0
