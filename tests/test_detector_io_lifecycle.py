@@ -77,9 +77,10 @@ def test_a_node_reports_only_with_a_sample_in_the_node_window() -> None:
 
 def test_nics_seen_over_the_lookback_are_counted_without_data() -> None:
     r = gpu_results()
-    r["nic_seen"] = [({"device": d, "port": "1", "instance": "10.0.0.7:9410"}, 1.0) for d in ("rdmap16s0", "rdmap32s0")]
+    # the registry query answers with the NICs silent in the window only; those with data are known too
+    r["nic_seen"] = [({"device": "rdmap32s0", "port": "1", "instance": "10.0.0.7:9410"}, 1.0)]
     snap = one(r)
-    assert snap.nics_seen == [("h1", "rdmap16s0", "1"), ("h1", "rdmap32s0", "1")]
+    assert snap.nics_seen == [("fd00::2", "rdmap16s0", "1"), ("h1", "rdmap16s0", "1"), ("h1", "rdmap32s0", "1")]
     cov = measure(snap)
     # rdmap32s0 is known (seen over the lookback) but has no increase in the window
     assert cov.known["nics"] == 3 and cov.with_data["nics"] == 2
