@@ -263,7 +263,9 @@ def _build_snapshots(times: Sequence[float], window_s: float, results: Mapping[s
         for counter, table in efa_t.items():
             for (ins, dev, port), v in table[i].items():
                 host = host_of.get(ins) or _host_of_instance(ins)
-                nic = nics.setdefault((host, dev, port), NicObs(node=host, device=dev, port=port))
+                nic = nics.get((host, dev, port))
+                if nic is None:  # not setdefault: one NicObs per NIC, not one per NIC and counter
+                    nic = nics[(host, dev, port)] = NicObs(node=host, device=dev, port=port)
                 if counter == "tx_bytes":
                     nic.tx_bytes_rate = v / node_window_s
                 elif counter == "rx_bytes":
@@ -324,8 +326,8 @@ def _ranks(i: int, info_seen_t: list, fresh_t: list, current: Collection[Hashabl
             setattr(ranks[key], field, v)
     for (key, section), v in sections_t[i].items():
         # Seconds per step in the section; no completed step in the window = no data.
-        if key in ranks and steps.get(key):
-            ranks[key].sections[section] = v / steps[key]
+        if (r := ranks.get(key)) is not None and (s := steps.get(key)):
+            r.sections[section] = v / s
     return [ranks[k] for k in sorted(ranks)]
 
 
