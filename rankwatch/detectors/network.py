@@ -11,9 +11,10 @@ EFA series carry no host label; the source joins them to the node through ``inst
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
+
+import numpy as np
 
 from rankwatch.detectors.config import DetectorConfig
 from rankwatch.detectors.episodes import Finding
@@ -25,14 +26,12 @@ PACKET_COUNTERS = ("tx_pkts", "rx_pkts")
 def nic_errors(nic: NicObs, counters: tuple[str, ...]) -> tuple[dict[str, float], float | None]:
     """(error events per counter, packets sent + received) of one NIC over the window; packets
     None when the NIC reports no packet counters."""
-    # math.isfinite, not numpy's: per NIC and counter every evaluation, on plain floats
-    isfinite = math.isfinite
     errs = {c: max(float(v), 0.0) for c, v in nic.increase.items()
-            if c in counters and v is not None and isfinite(v)}
-    pk = [v for c in PACKET_COUNTERS if (v := nic.increase.get(c)) is not None and isfinite(v)]
-    if not pk:
+            if c in counters and v is not None and np.isfinite(v)}
+    pk = [nic.increase.get(c) for c in PACKET_COUNTERS]
+    if all(v is None or not np.isfinite(v) for v in pk):
         return errs, None
-    return errs, float(sum(max(v, 0.0) for v in pk))
+    return errs, float(sum(max(v, 0.0) for v in pk if v is not None and np.isfinite(v)))
 
 
 def nic_is_bad(errors: float, packets: float | None, window_s: float, cfg: DetectorConfig) -> bool:
