@@ -22,6 +22,7 @@ the tuned one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             return q_s, e_s, n_eval, events
 
         rows, base_rows = [], []
+        digests: set[str] = set()  # of the events: compare across checkouts (A/B of two trees)
         for k in range(args.repeats):
             with ReplayDataset(om) as ds:
                 start, end = align_up(ds.min_time, cfg.interval_s), align_down(ds.max_time, cfg.interval_s)
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     bq, be, bn, bev = replay(ds.url, start, end, baseline=True)
                 q_s, e_s, n_eval, events = replay(ds.url, start, end, baseline=False)
                 rows.append((ds.timings["backfill_s"], ds.timings["startup_s"], q_s, e_s, n_eval, len(events)))
+                digests.add(hashlib.sha256(json.dumps([e.to_json() for e in events], sort_keys=True,
+                                                      default=str).encode()).hexdigest()[:16])
                 if args.baseline:
                     if k % 2 == 0:
                         bq, be, bn, bev = replay(ds.url, start, end, baseline=True)
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     best, med = min(totals), statistics.median(totals)
     print(f"end to end after start-up: median {med:.2f} s = {samples / med:,.0f} samples/s, best {best:.2f} s = "
           f"{samples / best:,.0f} samples/s; {samples / med / (pn / ps):.0f}x the prometheus_client parser alone")
+    print(f"events digest: {' '.join(sorted(digests))} (one value: every run gave the same events)")
     print(f"target >= 200 000 samples/s: {'met' if samples / med >= 200_000 else 'NOT met'}")
     return 0
 

@@ -508,3 +508,56 @@ def test_a_deadline_bounds_tries_and_waits_together(fake_prom) -> None:
     with pytest.raises(PromQueryError, match="budget is spent"):
         client(srv.url).query("up", deadline=time.monotonic() - 1)
     assert len(srv.requests) == 1  # a spent budget sends nothing
+
+
+def test_replay_range_values_are_converted_once_and_a_malformed_one_fails_only_its_query(fake_prom) -> None:
+    # The replay's range path hands the JSON's values to the joins unconverted (one pass per
+    # point). What query_range guarantees must still hold there: NaN/±Inf points are no data,
+    # never a value; a malformed point fails its own query (named in Snapshot.errors, its
+    # quantities missing) while the other queries still count; no traceback.
+    from rankwatch.detectors.source import PromSource
+
+    t0 = 1_700_000_010.0
+    rank = {"run": "r", "rank": "0", "node": "n1", "instance": "n1:9420", "job": "probe"}
+
+    def matrix(values: list) -> bytes:
+        return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [
+            {"metric": dict(rank), "values": values}] if values else []}}).encode()
+
+    def respond(req: dict[str, Any]) -> tuple[int, bytes]:
+        q = req["form"]["query"]
+        if q.startswith("last_over_time(rankwatch_rank_info"):
+            return 200, matrix([[t0, "1"], [t0 + 15, "1"], [t0 + 30, "1"]])
+        if "rankwatch_steps_total" in q:
+            return 200, matrix([[t0, "2"], [t0 + 15, "NaN"], [t0 + 30, "+Inf"]])
+        if "rankwatch_step_seconds_total" in q:
+            return 200, matrix([[t0, "1"], [t0 + 15, "x"]])  # malformed
+        if "rankwatch_tokens_total" in q:
+            return 200, matrix([[t0, "8192"], [t0 + 30, "-Inf"]])
+        return 200, matrix([])
+
+    srv = fake_prom(respond)
+    src = PromSource(client(srv.url), 15.0, ["rx_drops"])
+    try:
+        snaps = list(src.snapshots(t0, t0 + 30, 15.0))
+    finally:
+        src.close()
+    assert [s.time for s in snaps] == [t0, t0 + 15, t0 + 30]
+    assert [[r.rank for r in s.ranks] for s in snaps] == [[0], [0], [0]]
+    assert [s.ranks[0].steps_rate for s in snaps] == [2.0, None, None]
+    assert [s.ranks[0].tokens_rate for s in snaps] == [8192.0, None, None]
+    # the malformed query's quantity is missing at every time, and said
+    assert [s.ranks[0].step_seconds for s in snaps] == [None, None, None]
+    for s in snaps:
+        assert [e for e in s.errors if "malformed" in e] == \
+            ["rank_step_seconds_rate: range query: malformed sample: ValueError(\"could not convert string to "
+             "float: 'x'\")"]
+
+
+@pytest.mark.parametrize("result", [[{"metric": {}}], [{"metric": [], "values": []}], [{"metric": {}, "values": 3}]],
+                         ids=["no-values", "metric-not-object", "values-not-list"])
+def test_range_query_raw_names_a_malformed_series(fake_prom, result: list) -> None:
+    body = {"status": "success", "data": {"resultType": "matrix", "result": result}}
+    srv = fake_prom(lambda r: (200, json.dumps(body).encode()))
+    with pytest.raises(PromQueryError, match="range query: malformed"):
+        client(srv.url).query_range_raw("x", 100, 130, 15)

@@ -4,6 +4,7 @@ thermal/power throttling with an SM clock drop against the GPU's own past and it
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Collection
@@ -24,7 +25,7 @@ _BASELINE_LEN = 20
 
 
 def throttle_reasons(mask: float | None) -> list[str]:
-    if mask is None or not np.isfinite(mask):
+    if mask is None or not math.isfinite(mask):
         return []
     m = int(mask)
     return [name for bit, name in THROTTLE_BITS.items() if m & bit]
@@ -119,7 +120,7 @@ class GpuHealth:
 
     def _xid(self, g: GpuObs, key: str, d: dict[str, Any]) -> list[Finding]:
         cfg = self.cfg
-        xids = {int(x): float(c) for x, c in g.xid_increase.items() if c and c > 0}
+        xids = {int(x): float(c) for x, c in g.xid_increase.items() if c and c > 0} if g.xid_increase else {}
         prev = self.last_xid.get(key)
         if g.last_xid is not None:
             self.last_xid[key] = g.last_xid
@@ -128,6 +129,8 @@ class GpuHealth:
                 xids[int(g.last_xid)] = 1.0
         if xids:
             d["xids"] = xids
+        elif not self._keep or (f"xid-critical:{key}" not in self._keep and f"xid-other:{key}" not in self._keep):
+            return []  # the common case, every GPU every evaluation: nothing to say
         # one classification with the exporter's health status and the alert rules (rankwatch.xids);
         # the application's own XIDs (13, 31, 43, ...) are no GPU fault and raise nothing
         sev_of = {x: xid_table.severity(x, cfg.critical_xids) for x in xids}

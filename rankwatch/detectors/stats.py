@@ -24,8 +24,8 @@ def grouped_median(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     v, g = values[idx], groups[idx]
     order = np.lexsort((v, g))
     gs, vs = g[order], v[order]
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    counts = np.diff(np.r_[starts, gs.size])
+    starts = np.flatnonzero(np.concatenate(([True], gs[1:] != gs[:-1])))
+    counts = np.diff(np.concatenate((starts, [gs.size])))
     lo = starts + (counts - 1) // 2
     hi = starts + counts // 2
     med = 0.5 * (vs[lo] + vs[hi])
@@ -63,8 +63,8 @@ def grouped_min_excluding_self(values: np.ndarray, groups: np.ndarray) -> np.nda
     v, g = values[ok], np.asarray(groups)[ok]
     order = np.lexsort((v, g))
     gs, vs = g[order], v[order]
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    counts = np.diff(np.r_[starts, gs.size])
+    starts = np.flatnonzero(np.concatenate(([True], gs[1:] != gs[:-1])))
+    counts = np.diff(np.concatenate((starts, [gs.size])))
     first = vs[starts]
     second = np.where(counts > 1, vs[np.minimum(starts + 1, vs.size - 1)], np.nan)
     member = np.repeat(np.arange(starts.size), counts)
