@@ -92,9 +92,27 @@ def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, p
                [(g.node, g.gpu, g.present, g.health, g.last_xid, g.remap_pending) for g in b.gpus]
         assert [(n.node, n.device) for n in a.nics] == [(n.node, n.device) for n in b.nics] and len(a.nics) == 32
         assert set(a.nics_seen) == set(b.nics_seen)
-        # packets: both ways summed by the rule, within a scrape of each other
-        for x, y in zip(a.nics, b.nics, strict=True):
-            assert y.increase["packets_sum"] == pytest.approx(x.increase["tx_pkts"] + x.increase["rx_pkts"], rel=0.5)
+        # packets: both ways summed by the rule. Compared over 12 s windows: a rule evaluated at
+        # the scrape interval samples the scrapes with a phase of its own, so over a 3 s window
+        # (three samples) the two increases can differ by a whole scrape's worth (2x, seen on an
+        # idle machine); over twelve samples by a fraction of that.
+        promserver.wait_for_series(prom.url, "count_over_time(rankwatch:efa_packets:sum[14s]) >= 13", min_series=32,
+                                   timeout=90)
+        raw_long = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), 12.0, cfg.efa_error_counters,
+                              recording_rules=False)
+        ruled_long = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), 12.0, cfg.efa_error_counters)
+        try:
+            t = time.time() - 1.0
+            ruled_long.snapshot(t)
+            t = time.time() - 1.0
+            la, lb = raw_long.snapshot(t), ruled_long.snapshot(t)
+            assert ruled_long.path == "recording rules" and len(la.nics) == len(lb.nics) == 32
+            for x, y in zip(la.nics, lb.nics, strict=True):
+                assert y.increase["packets_sum"] == pytest.approx(x.increase["tx_pkts"] + x.increase["rx_pkts"],
+                                                                  rel=0.5)
+        finally:
+            raw_long.close()
+            ruled_long.close()
         # the network verdict is the same: the one device with retransmits, on both paths
         net = NetworkHealth(cfg)
         fa, _ = net.evaluate(a)
@@ -149,8 +167,10 @@ def test_rules_evaluated_too_rarely_for_the_window_leave_the_raw_path_alone(tmp_
     prom = prometheus_factory(yaml.safe_dump(config, sort_keys=False))
     src = PromSource(PromClient(PromConnection(url=prom.url, timeout_s=20)), 3.0, DetectorConfig().efa_error_counters)
     try:
-        # three evaluations of the rules: 20 s of history with two of them inside no 3 s window
-        promserver.wait_for_series(prom.url, f"count_over_time({RULES_PRESENT}[1h]) >= 3", min_series=1, timeout=120)
+        # four evaluations of the rules: the cycles below cover the last 20 s, two evaluation
+        # intervals, and the scrapes began 10 s before them (the first evaluation can come
+        # before the first scrape, when no 3 s window holds two samples yet)
+        promserver.wait_for_series(prom.url, f"count_over_time({RULES_PRESENT}[1h]) >= 4", min_series=1, timeout=120)
         end = float(requests.get(prom.url + "/api/v1/query", params={"query": f"timestamp({RULES_PRESENT})"},
                                  timeout=30).json()["data"]["result"][0]["value"][1])
         for k in range(21):  # a cycle every second of data time, over two evaluation intervals
