@@ -47,6 +47,7 @@ from rankwatch.sim.scenario import (
     NODE_PORT,
     PROBE_JOB,
     PROBE_PORT,
+    _labels,  # the replay file's label text, written one way
     efa_device,
     gpu_uuid,
 )
@@ -239,14 +240,6 @@ def _node_side(job: ScaleJob, times: np.ndarray, n_nodes: int) -> tuple[dict[str
 
 
 # ---- text ----------------------------------------------------------------------------------
-
-def _labels(d: dict[str, Any]) -> str:
-    parts = []
-    for k, v in d.items():
-        s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        parts.append(f'{k}="{s}"')
-    return "{" + ",".join(parts) + "}"
-
 
 def _value_strings(row: np.ndarray) -> list[str]:
     """Text of each value: integers without a fraction (most counters), others exactly."""
