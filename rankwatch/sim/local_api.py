@@ -5,6 +5,7 @@ that reads the request and writes what the subclass's :meth:`LocalJsonApi.respon
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -13,7 +14,7 @@ from rankwatch.httpserver import SIM_LIMITS, HttpServer
 METHODS = ("GET", "POST", "PUT", "DELETE")
 
 
-class LocalJsonApi:
+class LocalJsonApi(ABC):
     """Subclasses implement ``respond(method, path, headers, raw_body) -> (status, payload,
     extra_headers)``; every request is recorded as ``(method, path, status)`` (no headers, so no
     secrets, in the record)."""
@@ -38,9 +39,10 @@ class LocalJsonApi:
         if self._server is not None:
             self._server.stop()
 
+    @abstractmethod
     def respond(self, method: str, path: str, headers: dict[str, str],
                 raw: bytes) -> tuple[int, Any, dict[str, str]]:
-        raise NotImplementedError
+        """The API's answer to one request: status, JSON payload, extra headers."""
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
