@@ -198,3 +198,27 @@ def serve_node_probes(run: str, node: str, ranks: int = 8) -> tuple[list[Any], l
         servers.append(start_http_server(port, addr="127.0.0.1", registry=p.registry))
         targets.append(f"127.0.0.1:{port}")
     return probes, servers, targets
+
+
+def feed_steps(probes: list[Any], sections: dict[str, float], every_s: float = 0.2) -> Callable[[], None]:
+    """Record a step on every probe every ``every_s`` seconds from a thread, as training does
+    all along; returns the function that stops it."""
+    import threading
+
+    stop = threading.Event()
+
+    def feed() -> None:
+        step = 0
+        while not stop.wait(every_s):
+            step += 1
+            for p in probes:
+                p.record_step(every_s, sections, tokens=4096, step=step)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+
+    def halt() -> None:
+        stop.set()
+        feeder.join()
+
+    return halt

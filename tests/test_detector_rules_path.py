@@ -7,14 +7,13 @@ error, never a zero), the next reads the raw series."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import serve_node_probes
+from conftest import feed_steps, serve_node_probes
 
 from rankwatch import promserver
 from rankwatch.assets import rule_files
@@ -51,17 +50,7 @@ def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, p
     node_server = node.serve("127.0.0.1", 0)
     node.efa.inject(3, "retransmits", rate=50_000)  # one device port far over the error rule
     probes, servers, targets = serve_node_probes("rp-run", "node-rp")
-    stop = threading.Event()
-
-    def feed() -> None:
-        step = 0
-        while not stop.wait(0.2):
-            step += 1
-            for p in probes:
-                p.record_step(0.2, SECTIONS, tokens=4096, step=step)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
+    stop_feeding = feed_steps(probes, SECTIONS)  # steps recorded all along, as in training
     rules = tmp_path / "rules" / "detector.yml"
     rules.parent.mkdir()
     rules.write_text(yaml.safe_dump({"groups": [{**_detector_group(), "interval": "1s"}]}, sort_keys=False))
@@ -138,8 +127,7 @@ def test_rules_path_sees_what_the_raw_path_sees_and_falls_back(tmp_path: Path, p
         assert any("recording rules it read stopped answering" in e for e in snap.errors)
         assert not any(n.increase.get("packets_sum") for n in snap.nics)
     finally:
-        stop.set()
-        feeder.join()
+        stop_feeding()
         raw.close()
         ruled.close()
         for srv, _thread in servers:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import serve_node_probes
+from conftest import feed_steps, serve_node_probes
 
 from rankwatch import promserver
 from rankwatch.assets import asset_dir, rule_files
@@ -112,17 +111,7 @@ def test_relabeled_scrapes_store_fewer_series_and_the_detector_sees_the_same(tmp
             check = promserver.promtool("check", "config", str(tmp_path / f"{variant}.yml"))
             assert check.returncode == 0, check.stdout + check.stderr
             proms[variant] = promserver.start_prometheus(text, workdir=tmp_path / variant.replace(" ", "-"))
-        stop = threading.Event()
-
-        def feed() -> None:  # steps recorded all along, as in training
-            step = 0
-            while not stop.wait(0.2):
-                step += 1
-                for p in probes:
-                    p.record_step(0.2, SECTIONS, tokens=4096, step=step)
-
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
+        stop_feeding = feed_steps(probes, SECTIONS)  # steps recorded all along, as in training
         try:
             for prom in proms.values():  # a few scrapes of every target in every Prometheus
                 promserver.wait_for_series(prom.url, "count_over_time(up[5s]) >= 4", min_series=9, timeout=60)
@@ -137,8 +126,7 @@ def test_relabeled_scrapes_store_fewer_series_and_the_detector_sees_the_same(tmp
                 finally:
                     src.close()
         finally:
-            stop.set()
-            feeder.join()
+            stop_feeding()
         stored = {}
         for variant, prom in proms.items():
             rows = promserver.query(prom.url, "scrape_samples_post_metric_relabeling")
